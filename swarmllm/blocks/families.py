@@ -1,0 +1,75 @@
+"""The per-family table: which transformers classes implement a decoder-only family's blocks.
+
+Every supported family stores its blocks as ``model.layers.{i}.*``, its embeddings as
+``model.embed_tokens``, its final norm as ``model.norm`` and its head as ``lm_head``; only the
+classes differ, so one generic code path (span.py, head.py) drives them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
+from transformers.models.qwen2 import modeling_qwen2
+from transformers.models.qwen3 import modeling_qwen3
+
+
+@dataclass(frozen=True)
+class Family:
+    decoder_layer: type[nn.Module]
+    rotary_embedding: type[nn.Module]
+    norm: type[nn.Module]
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        modeling_llama.LlamaDecoderLayer,
+        modeling_llama.LlamaRotaryEmbedding,
+        modeling_llama.LlamaRMSNorm,
+    ),
+    "mistral": Family(
+        modeling_mistral.MistralDecoderLayer,
+        modeling_mistral.MistralRotaryEmbedding,
+        modeling_mistral.MistralRMSNorm,
+    ),
+    "qwen2": Family(
+        modeling_qwen2.Qwen2DecoderLayer,
+        modeling_qwen2.Qwen2RotaryEmbedding,
+        modeling_qwen2.Qwen2RMSNorm,
+    ),
+    "qwen3": Family(
+        modeling_qwen3.Qwen3DecoderLayer,
+        modeling_qwen3.Qwen3RotaryEmbedding,
+        modeling_qwen3.Qwen3RMSNorm,
+    ),
+}
+
+LAYER_PREFIX = "model.layers.{}."
+EMBEDDINGS = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def family_of(config: PretrainedConfig) -> Family:
+    """The family of a text config; raises ValueError naming unsupported architectures."""
+    try:
+        return FAMILIES[config.model_type]
+    except KeyError:
+        supported = ", ".join(sorted(FAMILIES))
+        raise ValueError(
+            f"unsupported model architecture {config.model_type!r}; supported families: {supported}"
+        ) from None
+
+
+def sliding_window_of(config: PretrainedConfig, layer_index: int) -> int | None:
+    """The attention window of one layer, or None for full causal attention."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:  # Mistral: the window applies to every layer
+        return int(window)
+    return int(window) if layer_types[layer_index] == "sliding_attention" else None

@@ -1,0 +1,55 @@
+"""The client's share of a model: token embeddings, the final norm and the LM head."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from swarmllm.blocks.families import EMBEDDINGS, FINAL_NORM, LM_HEAD, family_of
+from swarmllm.blocks.weights import read_tensors
+
+
+class ModelHead(nn.Module):
+    """Embeds tokens before the first hop and turns the last hop's output into logits."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        embeddings: nn.Embedding,
+        norm: nn.Module,
+        lm_head: nn.Linear,
+    ):
+        super().__init__()
+        self.config = config
+        self.embed_tokens, self.norm, self.lm_head = embeddings, norm, lm_head
+
+    @classmethod
+    def from_weights(
+        cls,
+        config: PretrainedConfig,
+        weight_files: Mapping[str, Path],
+        dtype: torch.dtype = torch.float32,
+    ) -> ModelHead:
+        tied = getattr(config, "tie_word_embeddings", False) or LM_HEAD not in weight_files
+        names = [EMBEDDINGS, FINAL_NORM] + ([] if tied else [LM_HEAD])
+        tensors = read_tensors(weight_files, names, dtype)
+        embeddings = nn.Embedding.from_pretrained(tensors[EMBEDDINGS], freeze=True)
+        norm = family_of(config).norm(config.hidden_size, eps=config.rms_norm_eps)
+        norm.weight.data = tensors[FINAL_NORM]
+        lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        lm_head.weight = (
+            embeddings.weight if tied else nn.Parameter(tensors[LM_HEAD], requires_grad=False)
+        )
+        return cls(config, embeddings, norm, lm_head).eval()
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))

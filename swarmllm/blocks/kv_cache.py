@@ -1,0 +1,60 @@
+"""A per-session key/value cache for a span of decoder layers.
+
+transformers' attention modules only call ``cache.update(key, value, layer_idx, ...)``, so this
+small class stands in for ``DynamicCache``: it keeps one growable buffer per layer (amortised
+doubling instead of a ``torch.cat`` per step), and rewinding is just moving ``length`` back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+MIN_CAPACITY = 64
+
+
+class KVCache:
+    def __init__(self, layer_indices: Iterable[int]):
+        self._slot = {layer: slot for slot, layer in enumerate(layer_indices)}
+        self._keys: list[torch.Tensor | None] = [None] * len(self._slot)
+        self._values: list[torch.Tensor | None] = [None] * len(self._slot)
+        self.length = 0  # tokens already cached (identical for every layer between forwards)
+
+    def truncate(self, length: int) -> None:
+        """Forget every token at position ``length`` and after (a rewind)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a cache of {self.length} tokens to {length}")
+        self.length = length
+
+    def advance(self, num_tokens: int) -> None:
+        """Commit the tokens written by the forward pass that just ran."""
+        self.length += num_tokens
+
+    @property
+    def nbytes(self) -> int:
+        buffers = [b for b in self._keys + self._values if b is not None]
+        return sum(b.numel() * b.element_size() for b in buffers)
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``key``/``value`` [batch, heads, new, dim] after the cached tokens; return all."""
+        slot = self._slot[layer_idx]
+        end = self.length + key.shape[-2]
+        self._keys[slot] = self._ensure_room(self._keys[slot], key, end)
+        self._values[slot] = self._ensure_room(self._values[slot], value, end)
+        self._keys[slot][:, :, self.length : end] = key
+        self._values[slot][:, :, self.length : end] = value
+        return self._keys[slot][:, :, :end], self._values[slot][:, :, :end]
+
+    def _ensure_room(
+        self, buffer: torch.Tensor | None, new: torch.Tensor, end: int
+    ) -> torch.Tensor:
+        if buffer is not None and buffer.shape[-2] >= end and buffer.shape[0] == new.shape[0]:
+            return buffer
+        capacity = max(MIN_CAPACITY, end, 2 * (buffer.shape[-2] if buffer is not None else 0))
+        grown = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
+        if buffer is not None and self.length:
+            grown[:, :, : self.length] = buffer[:, :, : self.length]
+        return grown

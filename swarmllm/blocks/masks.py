@@ -1,0 +1,47 @@
+"""Attention masks and position ids for a chunk of new tokens appended after a cache.
+
+SDPA's ``is_causal`` aligns its mask top-left, which is only right when nothing is cached; a
+chunk of several tokens after a non-empty cache, left-padded rows, or a sliding window need an
+explicit mask. Rows may be left-padded (batched prompts of different lengths): padding tokens
+are never attended to, and real tokens are numbered from 0 as transformers' ``generate`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def position_ids(
+    batch: int, past_length: int, num_new: int, pad_lengths: torch.Tensor | None
+) -> torch.Tensor:
+    """Rotary positions [batch, num_new] of the new tokens (padding tokens clamp to 0)."""
+    positions = torch.arange(past_length, past_length + num_new).expand(batch, num_new)
+    if pad_lengths is None:
+        return positions
+    return (positions - pad_lengths[:, None]).clamp(min=0)
+
+
+def attention_mask(
+    batch: int,
+    past_length: int,
+    num_new: int,
+    pad_lengths: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor | None:
+    """Boolean mask [batch, 1, num_new, past+num_new] (True = attend), or None when SDPA's
+    built-in causal mask is already exact."""
+    total = past_length + num_new
+    window_matters = window is not None and total > window
+    if pad_lengths is None and not window_matters and (past_length == 0 or num_new == 1):
+        return None
+    query = torch.arange(past_length, total)[:, None]
+    key = torch.arange(total)[None, :]
+    allowed = key <= query
+    if window_matters:
+        allowed = allowed & (query - key < window)
+    allowed = allowed.expand(batch, num_new, total)
+    if pad_lengths is not None:
+        not_padding = key[None] >= pad_lengths[:, None, None]
+        is_self = key[None] == query[None]  # a padding query must see something, or SDPA gives NaN
+        allowed = (allowed & not_padding) | is_self
+    return allowed[:, None]

@@ -1,0 +1,102 @@
+"""Transformer blocks ``[start, end)`` of a model, loaded alone and run with a session cache."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from swarmllm.blocks.families import LAYER_PREFIX, family_of, sliding_window_of
+from swarmllm.blocks.kv_cache import KVCache
+from swarmllm.blocks.masks import attention_mask, position_ids
+from swarmllm.blocks.weights import read_tensors
+
+
+class BlockSpan(nn.Module):
+    """Decoder layers ``[start, end)`` driven by transformers' own layer classes.
+
+    Layers keep their global ``layer_idx`` so per-layer settings (sliding windows) stay right.
+    """
+
+    def __init__(self, config: PretrainedConfig, start: int, end: int, layers: nn.ModuleList):
+        super().__init__()
+        self.config, self.start, self.end = config, start, end
+        self.layers = layers
+        self.rotary = family_of(config).rotary_embedding(config=config)
+        self.windows = [sliding_window_of(config, i) for i in range(start, end)]
+
+    @classmethod
+    def from_weights(
+        cls,
+        config: PretrainedConfig,
+        weight_files: Mapping[str, Path],
+        start: int,
+        end: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> BlockSpan:
+        """Build the span reading only its own layers' tensors from disk."""
+        if not 0 <= start < end <= config.num_hidden_layers:
+            raise ValueError(
+                f"span [{start}, {end}) is outside the model's {config.num_hidden_layers} blocks"
+            )
+        config = _with_sdpa(config)
+        layer_cls = family_of(config).decoder_layer
+        layers = nn.ModuleList()
+        for index in range(start, end):
+            prefix = LAYER_PREFIX.format(index)
+            names = [name for name in weight_files if name.startswith(prefix)]
+            state = {
+                name[len(prefix) :]: tensor
+                for name, tensor in read_tensors(weight_files, names, dtype).items()
+            }
+            with torch.device("meta"):
+                layer = layer_cls(config, layer_idx=index)
+            layer.load_state_dict(state, strict=True, assign=True)
+            layers.append(layer)
+        return cls(config, start, end, layers).eval()
+
+    def new_cache(self) -> KVCache:
+        return KVCache(range(self.start, self.end))
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: KVCache | None = None,
+        pad_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``hidden`` [batch, new, hidden] after the tokens already in ``cache``.
+
+        ``cache`` is advanced past the new tokens; without a cache the call is stateless.
+        ``pad_lengths`` [batch] counts the left-padding tokens of each row.
+        """
+        batch, num_new, _ = hidden.shape
+        past = cache.length if cache is not None else 0
+        positions = position_ids(batch, past, num_new, pad_lengths)
+        rotary = self.rotary(hidden, positions)
+        masks = {
+            window: attention_mask(batch, past, num_new, pad_lengths, window)
+            for window in set(self.windows)
+        }
+        for layer, window in zip(self.layers, self.windows, strict=True):
+            hidden = layer(
+                hidden,
+                attention_mask=masks[window],
+                position_ids=positions,
+                position_embeddings=rotary,
+                cache=cache,
+            )
+        if cache is not None:
+            cache.advance(num_new)
+        return hidden
+
+
+def _with_sdpa(config: PretrainedConfig) -> PretrainedConfig:
+    """Our masks are boolean SDPA masks, so the layers must use SDPA attention."""
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    return config
