@@ -1,0 +1,267 @@
+"""Choosing the chain of peers that serves a range of blocks at the lowest expected latency.
+
+A route is a list of hops whose sub-spans are contiguous and cover the requested range. The cost
+of one decode step through a hop is the client's measured RTT to the peer plus the peer's compute
+time for the part of its span the hop uses (``hop blocks / span blocks / throughput``); the route
+minimises the sum, so every extra hop has to pay for its RTT.
+
+The search is a shortest path over block boundaries. Only boundaries where the set of usable
+peers changes need to be nodes: between two of them every hop's cost is linear in where it
+starts or ends, so moving such a boundary towards the cheaper neighbour never costs more. That
+keeps the graph at O(peers) nodes instead of O(blocks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState
+
+# A peer announcing zero, negative or NaN throughput is still usable, just as a last resort.
+_MIN_THROUGHPUT = 1e-3  # tokens/s
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One link of a route: ``peer_id`` runs blocks ``[start, end)``."""
+
+    peer_id: str
+    start: int
+    end: int
+
+
+class NoRouteError(RuntimeError):
+    """No chain of usable peers covers the requested blocks.
+
+    ``uncovered`` lists the maximal block ranges ``[a, b)`` that no usable peer serves;
+    ``missing_adapter`` names the adapter that no usable first-hop peer provides.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        uncovered: list[tuple[int, int]],
+        missing_adapter: str | None = None,
+    ):
+        super().__init__(message)
+        self.uncovered = uncovered
+        self.missing_adapter = missing_adapter
+
+
+@dataclass(frozen=True)
+class _Filter:
+    banned: frozenset[str]
+    allowed: frozenset[str] | None
+    min_cache_tokens: int
+
+    def rejection(self, peer_id: str, record: PeerRecord, block: int) -> str | None:
+        """Why this peer can't serve this block, or None when it can."""
+        if record.state == PeerState.OFFLINE:
+            return "offline"
+        if record.state != PeerState.ONLINE:
+            return record.state.name.lower()
+        if not record.start <= block < record.end:
+            return "with a record inconsistent with its span"
+        if peer_id in self.banned:
+            return "banned"
+        if self.allowed is not None and peer_id not in self.allowed:
+            return "not in the allowed list"
+        if record.cache_tokens_left < self.min_cache_tokens:
+            return f"short of cache (under {self.min_cache_tokens} tokens left)"
+        return None
+
+
+def find_route(
+    coverage: CoverageMap,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    rtt: Mapping[str, float] | None = None,
+    banned: Collection[str] = (),
+    allowed: Collection[str] | None = None,
+    min_cache_tokens: int = 0,
+    first_hop_adapter: str | None = None,
+    default_rtt: float = 0.005,
+) -> list[Hop]:
+    """The cheapest route through blocks ``[start, end)`` (default: the whole model).
+
+    ``rtt`` maps peer ids to measured round-trip times in seconds (``default_rtt`` for the
+    others). ``first_hop_adapter`` requires the hop holding block ``start`` to provide that
+    adapter. Equal-cost routes are broken by fewer hops, then by peer id, so the same inputs
+    always give the same route. Raises NoRouteError when the filtered peers can't cover the range.
+    """
+    end = coverage.num_blocks if end is None else end
+    if not 0 <= start < end <= coverage.num_blocks:
+        raise ValueError(
+            f"block range [{start}, {end}) is empty or outside model {coverage.model_id!r} "
+            f"of {coverage.num_blocks} blocks"
+        )
+    peer_filter = _Filter(
+        banned=frozenset(banned),
+        allowed=None if allowed is None else frozenset(allowed),
+        min_cache_tokens=min_cache_tokens,
+    )
+    usable: list[dict[str, PeerRecord]] = []  # usable[i - start]: peers usable for block i
+    rejected: list[dict[str, str]] = []  # rejected[i - start]: peer -> why not
+    for block in range(start, end):
+        ok: dict[str, PeerRecord] = {}
+        why: dict[str, str] = {}
+        for peer_id, record in coverage.blocks[block].items():
+            reason = peer_filter.rejection(peer_id, record, block)
+            if reason is None:
+                ok[peer_id] = record
+            else:
+                why[peer_id] = reason
+        usable.append(ok)
+        rejected.append(why)
+
+    _raise_if_uncovered(coverage.model_id, start, usable, rejected)
+    first_candidates = usable[0]
+    if first_hop_adapter is not None:
+        first_candidates = {
+            peer_id: record
+            for peer_id, record in first_candidates.items()
+            if first_hop_adapter in record.adapters
+        }
+        if not first_candidates:
+            why_not = {
+                peer_id: reason
+                for peer_id, reason in rejected[0].items()
+                if first_hop_adapter in coverage.blocks[start][peer_id].adapters
+            }
+            raise NoRouteError(
+                f"no usable peer serving block {start} of model {coverage.model_id!r} provides "
+                f"the {first_hop_adapter!r} adapter ({_summarise(why_not)})",
+                uncovered=[],
+                missing_adapter=first_hop_adapter,
+            )
+    # A constrained first hop can't shrink to nothing, so it may need to end right after start.
+    extra_node = start + 1 if first_hop_adapter is not None and start + 1 < end else None
+    return _cheapest(usable, start, first_candidates, extra_node, rtt or {}, default_rtt)
+
+
+def format_route(route: Sequence[Hop], public_names: Mapping[str, str] | None = None) -> str:
+    """One line per hop, e.g. ``blocks 0-9 → 12D3KooW…abcd (alice)``, for ``--show-route``."""
+    names = public_names or {}
+    lines = []
+    for hop in route:
+        line = f"{_blocks(hop.start, hop.end)} → {_short_id(hop.peer_id)}"
+        if names.get(hop.peer_id):
+            line += f" ({names[hop.peer_id]})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _cheapest(
+    usable: list[dict[str, PeerRecord]],
+    start: int,
+    first_candidates: dict[str, PeerRecord],
+    extra_node: int | None,
+    rtt: Mapping[str, float],
+    default_rtt: float,
+) -> list[Hop]:
+    """Shortest path over block boundaries; assumes every block has a usable peer."""
+    end = start + len(usable)
+    # run_end[i][peer]: the first block after the contiguous run of usable blocks that
+    # contains block start+i.
+    run_end: list[dict[str, int]] = [{} for _ in usable]
+    for i in reversed(range(len(usable))):
+        following = run_end[i + 1] if i + 1 < len(usable) else {}
+        run_end[i] = {peer_id: following.get(peer_id, start + i + 1) for peer_id in usable[i]}
+    changes = {start + i for i in range(1, len(usable)) if usable[i] != usable[i - 1]}
+    if extra_node is not None:
+        changes.add(extra_node)
+    nodes = [start, *sorted(changes), end]
+
+    best: dict[int, tuple[float, tuple[Hop, ...]]] = {start: (0.0, ())}
+    for index, a in enumerate(nodes[:-1]):
+        cost_a, hops_a = best[a]
+        candidates = first_candidates if a == start else usable[a - start]
+        for peer_id in sorted(candidates):  # independent of map order even at the tolerance edge
+            record = candidates[peer_id]
+            seconds_per_block = _seconds_per_block(record)
+            reach = run_end[a - start][peer_id]
+            fixed = cost_a + _checked_rtt(peer_id, rtt.get(peer_id, default_rtt))
+            for b in nodes[index + 1 :]:
+                if b > reach:
+                    break
+                candidate = (fixed + (b - a) * seconds_per_block, (*hops_a, Hop(peer_id, a, b)))
+                if b not in best or _better(candidate, best[b]):
+                    best[b] = candidate
+    return list(best[end][1])
+
+
+def _seconds_per_block(record: PeerRecord) -> float:
+    """Compute time per block of the peer's span for one decode step."""
+    throughput = record.throughput
+    if not throughput > _MIN_THROUGHPUT:  # also catches NaN
+        throughput = _MIN_THROUGHPUT
+    return 1.0 / ((record.end - record.start) * throughput)
+
+
+def _better(x: tuple[float, tuple[Hop, ...]], y: tuple[float, tuple[Hop, ...]]) -> bool:
+    """Lower cost wins; costs equal up to rounding fall back to fewer hops, then peer ids."""
+    if not math.isclose(x[0], y[0], rel_tol=1e-9, abs_tol=1e-12):
+        return x[0] < y[0]
+    return _tie_key(x[1]) < _tie_key(y[1])
+
+
+def _tie_key(hops: tuple[Hop, ...]) -> tuple[int, list[tuple[str, int, int]]]:
+    return len(hops), [(hop.peer_id, hop.start, hop.end) for hop in hops]
+
+
+def _checked_rtt(peer_id: str, seconds: float) -> float:
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"RTT for peer {peer_id} is {seconds!r}; expected finite seconds >= 0")
+    return seconds
+
+
+def _raise_if_uncovered(
+    model_id: str, start: int, usable: list[dict[str, PeerRecord]], rejected: list[dict[str, str]]
+) -> None:
+    uncovered: list[tuple[int, int]] = []
+    why_not: list[dict[str, str]] = []  # per range: peer -> first reason seen
+    for i, peers in enumerate(usable):
+        if peers:
+            continue
+        block = start + i
+        if uncovered and uncovered[-1][1] == block:
+            uncovered[-1] = (uncovered[-1][0], block + 1)
+        else:
+            uncovered.append((block, block + 1))
+            why_not.append({})
+        for peer_id, reason in rejected[i].items():
+            why_not[-1].setdefault(peer_id, reason)
+    if not uncovered:
+        return
+    parts = [
+        f"{_blocks(a, b)} ({_count(b - a, 'block')}: {_summarise(reasons)})"
+        for (a, b), reasons in zip(uncovered, why_not, strict=True)
+    ]
+    raise NoRouteError(
+        f"no usable peer serves {', '.join(parts)} of model {model_id!r}", uncovered=uncovered
+    )
+
+
+def _summarise(reasons: Mapping[str, str]) -> str:
+    """E.g. ``2 peers banned, 1 peer offline``, or ``no peer announced it``."""
+    if not reasons:
+        return "no peer announced it"
+    counts: dict[str, int] = {}
+    for reason in reasons.values():
+        counts[reason] = counts.get(reason, 0) + 1
+    return ", ".join(f"{_count(n, 'peer')} {reason}" for reason, n in sorted(counts.items()))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _blocks(start: int, end: int) -> str:
+    return f"block {start}" if end - start == 1 else f"blocks {start}-{end - 1}"
+
+
+def _short_id(peer_id: str) -> str:
+    return peer_id if len(peer_id) <= 13 else f"{peer_id[:8]}…{peer_id[-4:]}"

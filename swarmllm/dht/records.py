@@ -1,0 +1,118 @@
+"""The typed value a peer announces for each block it serves, and the coverage map built from them.
+
+A record is stored under DHT key ``{model_id}.{block}`` with subkey = the announcing peer's id.
+Values are msgpack maps; readers ignore unknown fields so that the schema can grow.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+RECORD_VERSION = 1
+
+
+class PeerState(enum.IntEnum):
+    OFFLINE = 0
+    JOINING = 1
+    ONLINE = 2
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """What one peer says about itself; identical for every block of its span."""
+
+    state: PeerState
+    start: int
+    end: int
+    throughput: float  # tokens/s this peer processes through its whole span (decode steps)
+    cache_tokens_left: int
+    version: str
+    dtype: str
+    public_name: str = ""
+    adapters: tuple[str, ...] = ()
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": RECORD_VERSION,
+                "state": int(self.state),
+                "start": self.start,
+                "end": self.end,
+                "throughput": float(self.throughput),
+                "cache_tokens_left": int(self.cache_tokens_left),
+                "version": self.version,
+                "dtype": self.dtype,
+                "public_name": self.public_name,
+                "adapters": list(self.adapters),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> PeerRecord:
+        """Parse a record, ignoring unknown fields; raise ValueError on anything malformed."""
+        try:
+            data: dict[str, Any] = msgpack.unpackb(raw, raw=False)
+            record = cls(
+                state=PeerState(int(data["state"])),
+                start=int(data["start"]),
+                end=int(data["end"]),
+                throughput=float(data["throughput"]),
+                cache_tokens_left=int(data["cache_tokens_left"]),
+                version=str(data["version"]),
+                dtype=str(data["dtype"]),
+                public_name=str(data.get("public_name", "")),
+                adapters=tuple(str(a) for a in data.get("adapters", ())),
+            )
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
+            raise ValueError(f"malformed peer record: {e}") from e
+        if not 0 <= record.start < record.end:
+            raise ValueError(f"malformed peer record: bad span [{record.start}, {record.end})")
+        return record
+
+
+def block_key(model_id: str, block: int | str) -> str:
+    """DHT key for one block of a model (``block`` may be a name such as ``vision``)."""
+    return f"{model_id}.{block}"
+
+
+@dataclass
+class CoverageMap:
+    """For each block of a model, the peers that announced it: ``blocks[i][peer_id] = record``."""
+
+    model_id: str
+    num_blocks: int
+    blocks: list[dict[str, PeerRecord]] = field(default_factory=list)
+
+    def peers(self) -> dict[str, PeerRecord]:
+        """Every peer seen, with its record (a peer announces the same record for all blocks)."""
+        merged: dict[str, PeerRecord] = {}
+        for per_block in self.blocks:
+            merged.update(per_block)
+        return merged
+
+    def online(self, block: int) -> dict[str, PeerRecord]:
+        return {
+            peer_id: record
+            for peer_id, record in self.blocks[block].items()
+            if record.state == PeerState.ONLINE
+        }
+
+    def uncovered_ranges(self) -> list[tuple[int, int]]:
+        """Maximal ranges ``[a, b)`` of blocks that no ONLINE peer serves."""
+        ranges: list[tuple[int, int]] = []
+        for block in range(self.num_blocks):
+            if self.online(block):
+                continue
+            if ranges and ranges[-1][1] == block:
+                ranges[-1] = (ranges[-1][0], block + 1)
+            else:
+                ranges.append((block, block + 1))
+        return ranges
+
+    @property
+    def fully_covered(self) -> bool:
+        return not self.uncovered_ranges()
