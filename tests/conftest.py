@@ -1,0 +1,39 @@
+"""Shared fixtures: the embedded model (resolved once per run) and tiny random models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from model_factory import save_tiny_model
+
+from swarmllm.blocks.sources import ModelSource, resolve_model
+
+
+@pytest.fixture(scope="session")
+def embedded_source() -> ModelSource:
+    """The embedded SmolLM2 model, converted into $SWARMLLM_CACHE (or the default cache) once."""
+    return resolve_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``make(family)`` writes a tiny random model of that family once and returns its folder."""
+    made: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in made:
+            made[family] = save_tiny_model(family, tmp_path_factory.mktemp(family))
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_source(
+    tiny_model_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], ModelSource]:
+    """``make(family)`` resolves the tiny model of that family like any local model directory."""
+    hash_cache = tmp_path_factory.mktemp("swarmllm-cache")  # keeps the user's hash memo clean
+    return lambda family: resolve_model(tiny_model_dir(family), cache_dir=hash_cache)
