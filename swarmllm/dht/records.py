@@ -86,6 +86,8 @@ class CoverageMap:
     model_id: str
     num_blocks: int
     blocks: list[dict[str, PeerRecord]] = field(default_factory=list)
+    # named blocks outside the numbered stack (e.g. ``vision``): ``extra[name][peer_id] = record``
+    extra: dict[str, dict[str, PeerRecord]] = field(default_factory=dict)
 
     def peers(self) -> dict[str, PeerRecord]:
         """Every peer seen, with its record (a peer announces the same record for all blocks)."""

@@ -1,0 +1,103 @@
+"""Reading the coverage map: which peers announced which blocks of a model, in one DHT round."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Sequence
+from functools import partial
+
+import hivemind
+from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+
+from swarmllm.dht.records import CoverageMap, PeerRecord, block_key
+
+logger = logging.getLogger("swarmllm.dht")
+
+# extra seconds to wait for the DHT process beyond the timeout it enforces itself
+_PROCESS_MARGIN = 2.0
+
+# per key: (subkey, value, expiration) of every dictionary entry found
+_RawEntries = dict[str, list[tuple[object, object, float]]]
+
+
+def get_coverage(
+    dht: hivemind.DHT,
+    model_id: str,
+    num_blocks: int,
+    extra_blocks: Sequence[str] = (),
+    timeout: float = 5.0,
+) -> CoverageMap:
+    """Look up blocks ``0..num_blocks-1`` and the named ``extra_blocks`` of ``model_id`` at once.
+
+    Malformed and expired records are skipped; a block nobody announced maps to ``{}``.
+    Raises TimeoutError if the lookup does not finish within ``timeout`` seconds.
+    """
+    keys = [block_key(model_id, block) for block in range(num_blocks)]
+    keys += [block_key(model_id, name) for name in extra_blocks]
+    future = dht.run_coroutine(partial(_get_in_dht, keys, timeout), return_future=True)
+    try:
+        found = future.result(timeout=timeout + _PROCESS_MARGIN)
+    except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before 3.11
+        future.cancel()
+        found = None
+    if found is None:
+        raise TimeoutError(
+            f"reading the coverage of {model_id!r} ({len(keys)} DHT keys) "
+            f"timed out after {timeout:.1f} s"
+        )
+    now = get_dht_time()
+    parsed = {key: _parse(key, found[key], now) for key in keys}
+    return CoverageMap(
+        model_id=model_id,
+        num_blocks=num_blocks,
+        blocks=[parsed[block_key(model_id, block)] for block in range(num_blocks)],
+        extra={name: parsed[block_key(model_id, name)] for name in extra_blocks},
+    )
+
+
+async def _get_in_dht(
+    keys: list[str], timeout: float, _dht: hivemind.DHT, node: DHTNode
+) -> _RawEntries | None:
+    """Runs in the DHT process; returns None on timeout (raising there would log a traceback).
+
+    ``sufficient_expiration_time=inf`` makes hivemind visit every node holding a key and merge
+    their dictionaries, instead of stopping at the first node that has any entry.
+    """
+    try:
+        found = await asyncio.wait_for(
+            node.get_many(keys, sufficient_expiration_time=float("inf")), timeout
+        )
+    except asyncio.TimeoutError:
+        return None
+    raw: _RawEntries = {}
+    for key in keys:
+        entry = found[key]
+        if entry is not None and isinstance(entry.value, dict):
+            raw[key] = [
+                (sub, item.value, item.expiration_time) for sub, item in entry.value.items()
+            ]
+        else:
+            raw[key] = []  # absent, or a plain value (swarmllm only stores dictionaries)
+    return raw
+
+
+def _parse(
+    key: str, entries: list[tuple[object, object, float]], now: float
+) -> dict[str, PeerRecord]:
+    records: dict[str, PeerRecord] = {}
+    for peer_id, value, expiration in entries:
+        if expiration < now:
+            continue
+        if not isinstance(peer_id, str) or not isinstance(value, bytes):
+            logger.debug(
+                "skipping DHT entry under %s: subkey %r is not a peer id record", key, peer_id
+            )
+            continue
+        try:
+            records[peer_id] = PeerRecord.from_bytes(value)
+        except ValueError as e:
+            logger.debug("skipping record of %s under %s: %s", peer_id, key, e)
+    return records

@@ -1,0 +1,97 @@
+"""Block selection for a new peer on synthetic coverage maps."""
+
+from __future__ import annotations
+
+import pytest
+
+from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState
+from swarmllm.peer.selection import choose_span
+
+
+def record(
+    start: int, end: int, state: PeerState = PeerState.ONLINE, throughput: float = 10.0
+) -> PeerRecord:
+    return PeerRecord(
+        state=state,
+        start=start,
+        end=end,
+        throughput=throughput,
+        cache_tokens_left=1000,
+        version="0.1.0",
+        dtype="float32",
+    )
+
+
+def coverage(num_blocks: int, peers: dict[str, PeerRecord]) -> CoverageMap:
+    blocks: list[dict[str, PeerRecord]] = [{} for _ in range(num_blocks)]
+    for peer_id, peer in peers.items():
+        for block in range(peer.start, peer.end):
+            blocks[block][peer_id] = peer
+    return CoverageMap(model_id="m", num_blocks=num_blocks, blocks=blocks)
+
+
+def test_empty_swarm_takes_the_first_blocks():
+    assert choose_span(coverage(30, {}), 10) == (0, 10)
+    assert choose_span(coverage(30, {}), 30) == (0, 30)
+
+
+def test_fills_a_gap_in_the_middle():
+    peers = {"A": record(0, 10), "C": record(20, 30)}
+    assert choose_span(coverage(30, peers), 10) == (10, 20)
+
+
+def test_wider_window_covers_the_whole_gap_leftmost():
+    peers = {"A": record(0, 10), "C": record(20, 30)}
+    # every 12-block window from 8 to 10 contains the 10 uncovered blocks; 8 is leftmost
+    assert choose_span(coverage(30, peers), 12) == (8, 20)
+
+
+def test_joining_peer_counts_as_covering():
+    peers = {"A": record(0, 10, state=PeerState.JOINING, throughput=0.0)}
+    assert choose_span(coverage(30, peers), 10) == (10, 20)
+
+
+def test_offline_peer_does_not_count():
+    peers = {"A": record(0, 10, state=PeerState.OFFLINE), "B": record(10, 30)}
+    assert choose_span(coverage(30, peers), 10) == (0, 10)
+
+
+def test_fully_covered_swarm_reinforces_the_weakest_part():
+    peers = {
+        "A": record(0, 10, throughput=50.0),
+        "B": record(10, 20, throughput=5.0),
+        "C": record(20, 30, throughput=50.0),
+    }
+    assert choose_span(coverage(30, peers), 10) == (10, 20)
+
+
+def test_joining_peer_throughput_counts():
+    peers = {
+        "A": record(0, 15, throughput=10.0),
+        "B": record(15, 30, state=PeerState.JOINING, throughput=40.0),
+    }
+    assert choose_span(coverage(30, peers), 10) == (0, 10)
+
+
+def test_equal_throughput_ties_go_left():
+    peers = {"A": record(0, 30, throughput=10.0)}
+    assert choose_span(coverage(30, peers), 10) == (0, 10)
+
+
+def test_own_records_are_excluded():
+    # a restarting peer whose old records linger must still see its blocks as a gap
+    peers = {"me": record(20, 30), "B": record(0, 20)}
+    assert choose_span(coverage(30, peers), 10, exclude_peer="me") == (20, 30)
+    assert choose_span(coverage(30, peers), 10) == (0, 10)
+
+
+@pytest.mark.parametrize("num_blocks", [0, -1, 31])
+def test_rejects_impossible_span_lengths(num_blocks: int):
+    with pytest.raises(ValueError, match="between 1 and 30"):
+        choose_span(coverage(30, {}), num_blocks)
+
+
+def test_rejects_inconsistent_map():
+    broken = CoverageMap(model_id="m", num_blocks=30, blocks=[{}] * 29)
+    with pytest.raises(ValueError, match="lists 29 blocks"):
+        choose_span(broken, 10)

@@ -1,0 +1,178 @@
+"""Announcing and reading coverage on a real three-node hivemind DHT on 127.0.0.1."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import hivemind
+import pytest
+from hivemind.utils import get_dht_time
+
+from swarmllm.dht.announce import AnnounceError, Announcer, announce
+from swarmllm.dht.coverage import get_coverage
+from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState, block_key
+
+
+def record(start: int, end: int, state: PeerState = PeerState.ONLINE) -> PeerRecord:
+    return PeerRecord(
+        state=state,
+        start=start,
+        end=end,
+        throughput=12.5,
+        cache_tokens_left=4096,
+        version="0.1.0",
+        dtype="float32",
+    )
+
+
+class Swarm:
+    """A reader node and two peer nodes; each test uses its own model id to stay independent."""
+
+    def __init__(self) -> None:
+        self.reader = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        initial_peers = [str(maddr) for maddr in self.reader.get_visible_maddrs()]
+        self.peers = [
+            hivemind.DHT(
+                start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers
+            )
+            for _ in range(2)
+        ]
+        self.peer_ids = [dht.peer_id.to_base58() for dht in self.peers]
+
+    def shutdown(self) -> None:
+        for dht in [*self.peers, self.reader]:
+            dht.shutdown()
+
+
+@pytest.fixture(scope="module")
+def swarm() -> Iterator[Swarm]:
+    swarm = Swarm()
+    try:
+        yield swarm
+    finally:
+        swarm.shutdown()
+
+
+def wait_until(read: Callable[[], CoverageMap], done: Callable[[CoverageMap], bool]) -> CoverageMap:
+    """Re-read coverage until ``done`` holds; fail after 10 s."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        coverage = read()
+        if done(coverage) or time.monotonic() > deadline:
+            return coverage
+        time.sleep(0.2)
+
+
+def test_third_node_sees_each_peer_on_its_blocks(swarm: Swarm):
+    first, second = swarm.peers
+    first_id, second_id = swarm.peer_ids
+    now = get_dht_time()
+    online, joining = record(0, 4), record(4, 8, state=PeerState.JOINING)
+    announce(first, "span-model", [0, 1, 2, 3, "vision"], online, now + 30)
+    announce(second, "span-model", range(4, 8), joining, now + 30)
+
+    coverage = get_coverage(swarm.reader, "span-model", 10, extra_blocks=["vision", "audio"])
+
+    assert coverage.model_id == "span-model" and coverage.num_blocks == 10
+    assert coverage.blocks[:4] == [{first_id: online}] * 4
+    assert coverage.blocks[4:8] == [{second_id: joining}] * 4
+    assert coverage.blocks[8:] == [{}, {}]
+    assert coverage.extra == {"vision": {first_id: online}, "audio": {}}
+    assert coverage.uncovered_ranges() == [(4, 10)]
+
+
+def test_two_peers_on_one_block_are_merged(swarm: Swarm):
+    now = get_dht_time()
+    for dht in swarm.peers:
+        announce(dht, "shared-model", [0], record(0, 1), now + 30)
+    coverage = get_coverage(swarm.reader, "shared-model", 1)
+    assert set(coverage.blocks[0]) == set(swarm.peer_ids)
+
+
+def test_malformed_and_foreign_entries_are_skipped(swarm: Swarm):
+    first = swarm.peers[0]
+    first_id = swarm.peer_ids[0]
+    expiration = get_dht_time() + 30
+    key = block_key("messy-model", 0)
+    announce(first, "messy-model", [0], record(0, 1), expiration)
+    assert first.store(key, b"\x93not a record", expiration, subkey="garbage-peer")
+    # hivemind's heap compares subkeys of equal expiration, so give the int subkey its own
+    assert first.store(key, record(0, 1).to_bytes(), expiration + 1, subkey=7)
+    assert first.store(key, "a string value", expiration, subkey="string-peer")
+    assert first.store(block_key("messy-model", 1), b"plain", expiration)
+
+    coverage = get_coverage(swarm.reader, "messy-model", 2)
+
+    assert coverage.blocks == [{first_id: record(0, 1)}, {}]
+
+
+def test_announcer_update_refresh_and_stop(swarm: Swarm):
+    first = swarm.peers[0]
+    first_id = swarm.peer_ids[0]
+
+    def read() -> CoverageMap:
+        return get_coverage(swarm.reader, "live-model", 2)
+
+    def state_of(coverage: CoverageMap) -> PeerRecord | None:
+        return coverage.blocks[1].get(first_id)
+
+    announcer = Announcer(
+        first, "live-model", [0, 1], record(0, 2, PeerState.JOINING), refresh_period=1.0, ttl=3.0
+    )
+    announcer.start()
+    try:
+        coverage = wait_until(read, lambda c: state_of(c) is not None)
+        assert state_of(coverage) == record(0, 2, PeerState.JOINING)
+
+        announcer.update(state=PeerState.ONLINE, cache_tokens_left=17)
+        coverage = wait_until(read, lambda c: state_of(c) == announcer.record)
+        assert state_of(coverage) == replace(record(0, 2), cache_tokens_left=17)
+
+        time.sleep(4.0)  # longer than the 3 s ttl: only refreshes keep the record alive
+        assert state_of(read()) == announcer.record
+    finally:
+        announcer.stop()
+
+    stopped = read()
+    assert [block.get(first_id) for block in stopped.blocks] == [
+        replace(record(0, 2, PeerState.OFFLINE), cache_tokens_left=17)
+    ] * 2
+    with pytest.raises(RuntimeError, match="after stop"):
+        announcer.update(state=PeerState.ONLINE)
+
+
+def test_record_without_refresh_expires(swarm: Swarm):
+    first_id = swarm.peer_ids[0]
+    announce(swarm.peers[0], "brief-model", [0], record(0, 1), get_dht_time() + 1.5)
+    assert get_coverage(swarm.reader, "brief-model", 1).blocks[0] == {first_id: record(0, 1)}
+
+    time.sleep(2.0)
+
+    assert get_coverage(swarm.reader, "brief-model", 1).blocks == [{}]
+
+
+def test_announce_that_no_node_accepts_raises(swarm: Swarm):
+    with pytest.raises(AnnounceError, match="stored none of 2 keys"):
+        announce(swarm.peers[0], "late-model", [0, 1], record(0, 2), get_dht_time() - 1)
+
+
+def test_coverage_of_thirty_blocks_is_one_round(swarm: Swarm):
+    now = get_dht_time()
+    announce(swarm.peers[0], "big-model", range(15), record(0, 15), now + 30)
+    announce(swarm.peers[1], "big-model", range(15, 30), record(15, 30), now + 30)
+    get_coverage(swarm.reader, "big-model", 30)  # warm up connections
+
+    started = time.perf_counter()
+    coverage = get_coverage(swarm.reader, "big-model", 30)
+    elapsed = time.perf_counter() - started
+
+    assert coverage.fully_covered
+    # sequential lookups cost ~30 round trips; one batched traversal stays well under a second
+    assert elapsed < 1.0, f"reading 30 blocks took {elapsed:.2f} s"
+
+
+def test_announcer_rejects_ttl_that_cannot_survive_a_missed_refresh(swarm: Swarm):
+    with pytest.raises(ValueError, match="ttl > 2 \\* refresh_period"):
+        Announcer(swarm.peers[0], "m", [0], record(0, 1), refresh_period=5.0, ttl=10.0)
