@@ -34,11 +34,12 @@ class ModelHead(nn.Module):
         weight_files: Mapping[str, Path],
         dtype: torch.dtype = torch.float32,
     ) -> ModelHead:
+        family = family_of(config)  # fail on unsupported models before reading any weights
         tied = getattr(config, "tie_word_embeddings", False) or LM_HEAD not in weight_files
         names = [EMBEDDINGS, FINAL_NORM] + ([] if tied else [LM_HEAD])
         tensors = read_tensors(weight_files, names, dtype)
         embeddings = nn.Embedding.from_pretrained(tensors[EMBEDDINGS], freeze=True)
-        norm = family_of(config).norm(config.hidden_size, eps=config.rms_norm_eps)
+        norm = family.norm(config.hidden_size, eps=config.rms_norm_eps)
         norm.weight.data = tensors[FINAL_NORM]
         lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         lm_head.weight = (

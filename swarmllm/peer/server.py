@@ -1,0 +1,193 @@
+"""The peer process: join the swarm, load a span, serve it, announce it, leave cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hivemind
+import torch
+
+import swarmllm
+from swarmllm.blocks.sources import ModelSource, cache_root
+from swarmllm.blocks.span import BlockSpan
+from swarmllm.dht.announce import Announcer
+from swarmllm.dht.coverage import get_coverage
+from swarmllm.dht.records import PeerRecord, PeerState
+from swarmllm.peer.compute import ComputeWorker
+from swarmllm.peer.selection import choose_span
+from swarmllm.peer.servicer import PeerIdentity, PeerServicer
+from swarmllm.peer.sessions import SessionRegistry
+from swarmllm.peer.throughput import cached_throughput
+from swarmllm.protocol import SERVICER_NAMESPACE
+from swarmllm.security.identity import load_or_create_identity, peer_id_of
+from swarmllm.security.record_validator import PeerIdSignatureValidator
+from swarmllm.security.validation import RequestLimits
+
+logger = logging.getLogger("swarmllm.peer")
+
+MAINTENANCE_PERIOD = 2.0
+
+
+@dataclass
+class PeerSettings:
+    initial_peers: list[str] = field(default_factory=list)
+    blocks: tuple[int, int] | None = None
+    num_blocks: int | None = None
+    identity: Path | None = None
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: list[str] = field(default_factory=list)
+    cache_tokens: int = 16384
+    max_sessions: int = 32
+    public_name: str = ""
+    dtype: str = "float32"
+    session_timeout: float = 300.0
+    refresh_period: float = 10.0
+    num_threads: int | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+
+def check_blocks(blocks: tuple[int, int] | None, source: ModelSource) -> None:
+    """Raise ValueError when ``--blocks`` does not fit the model."""
+    num_layers = source.config.num_hidden_layers
+    if blocks is not None and not 0 <= blocks[0] < blocks[1] <= num_layers:
+        raise ValueError(
+            f"--blocks {blocks[0]}:{blocks[1]} is outside the model's {num_layers} blocks "
+            f"(valid spans lie within 0:{num_layers})"
+        )
+
+
+def run_peer(settings: PeerSettings, source: ModelSource) -> None:
+    """Serve ``source`` until SIGINT/SIGTERM (blocking)."""
+    check_blocks(settings.blocks, source)
+    asyncio.run(_serve(settings, source))
+
+
+async def _serve(settings: PeerSettings, source: ModelSource) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    with tempfile.TemporaryDirectory(prefix="swarmllm-peer-") as scratch:
+        identity_path = settings.identity or Path(scratch) / "identity.key"
+        private_key = load_or_create_identity(identity_path)
+        dht = hivemind.DHT(
+            initial_peers=settings.initial_peers,
+            host_maddrs=settings.host_maddrs,
+            announce_maddrs=settings.announce_maddrs or None,
+            identity_path=str(identity_path),
+            check_if_identity_free=False,  # hivemind reads the key as RSA here; ours is Ed25519
+            record_validators=[PeerIdSignatureValidator(private_key)],
+            start=True,
+        )
+        announcer: Announcer | None = None
+        worker = ComputeWorker(settings.num_threads)
+        try:
+            peer_id = peer_id_of(private_key)
+            logger.info("peer id %s", peer_id)
+            for maddr in dht.get_visible_maddrs():
+                print(f"swarmllm peer address: {maddr}", flush=True)
+            start, end = await _choose_blocks(settings, dht, source)
+            dtype = getattr(torch, settings.dtype)
+            record = PeerRecord(
+                state=PeerState.JOINING,
+                start=start,
+                end=end,
+                throughput=0.0,
+                cache_tokens_left=settings.cache_tokens,
+                version=swarmllm.__version__,
+                dtype=settings.dtype,
+                public_name=settings.public_name,
+            )
+            announcer = Announcer(
+                dht,
+                source.model_id,
+                list(range(start, end)),
+                record,
+                refresh_period=settings.refresh_period,
+                ttl=3 * settings.refresh_period,
+            )
+            announcer.start()
+            span = await worker.run(
+                BlockSpan.from_weights, source.config, source.weight_files(), start, end, dtype
+            )
+            throughput = await worker.run(
+                cached_throughput, span, source.model_id, cache_root() / "throughput.json"
+            )
+            registry = SessionRegistry(
+                settings.cache_tokens, settings.max_sessions, settings.limits.max_sessions_per_peer
+            )
+            info = {
+                "model_id": source.model_id,
+                "start": start,
+                "end": end,
+                "version": swarmllm.__version__,
+                "torch": torch.__version__,
+                "dtype": settings.dtype,
+                "throughput": throughput,
+                "state": "ONLINE",
+                "public_name": settings.public_name,
+            }
+            servicer = PeerServicer(
+                span,
+                PeerIdentity(source.model_id, swarmllm.__version__, private_key),
+                registry,
+                worker,
+                settings.limits,
+                info,
+            )
+            p2p = await dht.replicate_p2p()
+            await servicer.add_p2p_handlers(p2p, namespace=SERVICER_NAMESPACE)
+            announcer.update(state=PeerState.ONLINE, throughput=throughput)
+            print(
+                f"swarmllm peer ONLINE: blocks [{start}, {end}) of {source.model_id} "
+                f"as {peer_id} ({throughput:.1f} steps/s)",
+                flush=True,
+            )
+            await _maintain(stop, registry, announcer, settings)
+            await servicer.remove_p2p_handlers(p2p, namespace=SERVICER_NAMESPACE)
+        finally:
+            if announcer is not None:
+                announcer.stop(final_state=PeerState.OFFLINE)
+            worker.shutdown()
+            dht.shutdown()
+    print("swarmllm peer stopped", flush=True)
+
+
+async def _choose_blocks(
+    settings: PeerSettings, dht: hivemind.DHT, source: ModelSource
+) -> tuple[int, int]:
+    num_layers = source.config.num_hidden_layers
+    if settings.blocks is not None:
+        return settings.blocks
+    wanted = min(settings.num_blocks or num_layers, num_layers)
+    # a random pause lets peers started together see each other's JOINING records
+    await asyncio.sleep(random.uniform(0, 1.0))
+    coverage = await asyncio.get_running_loop().run_in_executor(
+        None, get_coverage, dht, source.model_id, num_layers
+    )
+    return choose_span(coverage, wanted, exclude_peer=dht.peer_id.to_base58())
+
+
+async def _maintain(
+    stop: asyncio.Event, registry: SessionRegistry, announcer: Announcer, settings: PeerSettings
+) -> None:
+    """Until asked to stop: expire idle sessions and keep the announced cache room current."""
+    announced_room = registry.tokens_left
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=MAINTENANCE_PERIOD)
+        for session_id in registry.expire_idle(settings.session_timeout):
+            logger.info(
+                "session %s expired after %.0f s idle", session_id, settings.session_timeout
+            )
+        if registry.tokens_left != announced_room:
+            announced_room = registry.tokens_left
+            announcer.update(cache_tokens_left=announced_room)

@@ -1,0 +1,271 @@
+"""The peer's RPC handlers: ``info``, stateless ``forward`` and the ``inference`` stream."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import (  # noqa: UP035 - hivemind only detects streaming RPCs typed with typing.AsyncIterator
+    Any,
+    AsyncIterator,
+)
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from swarmllm.blocks.span import BlockSpan
+from swarmllm.peer.compute import ComputeWorker
+from swarmllm.peer.sessions import BusyError, Session, SessionRegistry
+from swarmllm.protocol import (
+    ErrorCode,
+    decode_meta,
+    decode_tensors,
+    encode_response,
+    error_response,
+)
+from swarmllm.security.signing import (
+    PROTOCOL_VERSION,
+    ActivationDigest,
+    sign_activation,
+    tensor_digest,
+)
+from swarmllm.security.validation import (
+    InvalidRequest,
+    RequestLimits,
+    check_hidden_states,
+    check_int,
+    check_message_size,
+    check_str,
+    wire_dtype,
+)
+
+logger = logging.getLogger("swarmllm.peer")
+
+
+@dataclass
+class PeerIdentity:
+    model_id: str
+    version: str
+    private_key: Ed25519PrivateKey
+
+
+class PeerServicer(ServicerBase):
+    def __init__(
+        self,
+        span: BlockSpan,
+        identity: PeerIdentity,
+        registry: SessionRegistry,
+        worker: ComputeWorker,
+        limits: RequestLimits,
+        info: dict[str, Any],
+    ):
+        self.span, self.identity, self.registry = span, identity, registry
+        self.worker, self.limits, self.info = worker, limits, info
+        self.compute_dtype = next(span.parameters()).dtype
+        self._sub_spans: dict[tuple[int, int], BlockSpan] = {}
+
+    async def rpc_info(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        return encode_response({**self.info, "cache_tokens_left": self.registry.tokens_left})
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Stateless run of a whole sequence through a sub-span (one request, one reply)."""
+        async for request in requests:
+            try:
+                meta = self._decode(request)
+                start, end = self._check_span(meta)
+                dtype = wire_dtype(meta.get("wire_dtype"))
+                pad_lengths = self._pad_lengths(meta)
+                hidden, extra = self._hidden_states(request, dtype, batch=None)
+                span = self._sub_span(start, end)
+                output = await self.worker.run(
+                    span.forward, hidden.to(self.compute_dtype), None, pad_lengths
+                )
+                yield self._signed_reply(
+                    meta, "", 0, 0, start, end, [hidden, *extra], output, dtype
+                )
+            except InvalidRequest as e:
+                yield self._refuse(e, context)
+            return
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        session: Session | None = None
+        try:
+            async for request in requests:
+                if not request.metadata and not request.tensors:
+                    return  # the client ends the session
+                try:
+                    meta = self._decode(request)
+                    if session is None:
+                        session = self._open(meta, context)
+                        yield encode_response({"opened": True, "version": self.identity.version})
+                    else:
+                        yield await self._step(session, meta, request)
+                except InvalidRequest as e:
+                    yield self._refuse(e, context)
+                except BusyError as e:
+                    yield error_response(str(e), ErrorCode.BUSY)
+                    return
+        finally:
+            if session is not None:
+                self.registry.close(session.session_id)
+
+    def _open(self, meta: dict[str, Any], context: P2PContext) -> Session:
+        opening = meta.get("open")
+        if not isinstance(opening, dict):
+            raise InvalidRequest("unknown session: the first message must open a session")
+        start, end = self._check_span(opening)
+        batch = check_int(opening, "batch", 1, self.limits.max_batch)
+        session = Session(
+            session_id=check_str(opening, "session_id"),
+            remote_peer=context.remote_id.to_base58(),
+            start=start,
+            end=end,
+            max_length=check_int(opening, "max_length", 1, self.limits.max_session_length),
+            batch=batch,
+            wire_dtype=wire_dtype(opening.get("wire_dtype")),
+            cache=self._sub_span(start, end).new_cache(),
+            pad_lengths=self._pad_lengths(opening, batch),
+        )
+        self.registry.open(session)
+        return session
+
+    async def _step(
+        self, session: Session, meta: dict[str, Any], request: runtime_pb2.ExpertRequest
+    ) -> runtime_pb2.ExpertResponse:
+        if self.registry.get(session.session_id) is not session:
+            raise InvalidRequest(f"unknown session {session.session_id!r} (expired or closed)")
+        position = check_int(meta, "position", 0, session.max_length - 1)
+        step = check_int(meta, "step", 0, 2**62)
+        if step <= session.last_step:
+            raise InvalidRequest(f"out-of-order step {step}: the last step was {session.last_step}")
+        if position > session.cache.length:
+            raise InvalidRequest(
+                f"position {position} leaves a gap: the session holds {session.cache.length} tokens"
+            )
+        hidden, extra = self._hidden_states(request, session.wire_dtype, session.batch)
+        if position + hidden.shape[1] > session.max_length:
+            raise InvalidRequest(
+                f"position {position} + {hidden.shape[1]} tokens exceeds the session's max length "
+                f"{session.max_length}"
+            )
+        session.cache.truncate(position)  # a no-op unless the client rewinds
+        session.last_step, session.last_used = step, time.monotonic()
+        span = self._sub_span(session.start, session.end)
+        output = await self.worker.run(
+            span.forward, hidden.to(self.compute_dtype), session.cache, session.pad_lengths
+        )
+        return self._signed_reply(
+            meta,
+            session.session_id,
+            position,
+            step,
+            session.start,
+            session.end,
+            [hidden, *extra],
+            output,
+            session.wire_dtype,
+        )
+
+    def _signed_reply(
+        self,
+        meta: dict[str, Any],
+        session_id: str,
+        position: int,
+        step: int,
+        start: int,
+        end: int,
+        inputs: list[torch.Tensor],
+        output: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> runtime_pb2.ExpertResponse:
+        output = output.to(dtype)
+        digest = ActivationDigest(
+            protocol_version=PROTOCOL_VERSION,
+            model_id=self.identity.model_id,
+            session_id=session_id,
+            position=position,
+            step=step,
+            start=start,
+            end=end,
+            input_digest=tensor_digest(*inputs),
+            output_digest=tensor_digest(output),
+        )
+        signature = sign_activation(self.identity.private_key, digest)
+        return encode_response(
+            {"position": position, "step": step, "signature": signature}, [output]
+        )
+
+    def _decode(self, request: runtime_pb2.ExpertRequest) -> dict[str, Any]:
+        check_message_size(request.ByteSize(), self.limits)
+        try:
+            return decode_meta(request.metadata)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from e
+
+    def _check_span(self, meta: dict[str, Any]) -> tuple[int, int]:
+        model_id = meta.get("model_id")
+        if model_id != self.identity.model_id:
+            raise InvalidRequest(
+                f"model {model_id!r} is not served here (this peer serves {self.identity.model_id})"
+            )
+        start = check_int(meta, "start", 0, 2**31)
+        end = check_int(meta, "end", 0, 2**31)
+        if not self.span.start <= start < end <= self.span.end:
+            raise InvalidRequest(
+                f"span [{start}, {end}) is not served here (this peer serves "
+                f"[{self.span.start}, {self.span.end}))"
+            )
+        return start, end
+
+    def _pad_lengths(self, meta: dict[str, Any], batch: int | None = None) -> torch.Tensor | None:
+        pads = meta.get("pad_lengths")
+        if pads is None:
+            return None
+        if not isinstance(pads, list) or not all(isinstance(p, int) and p >= 0 for p in pads):
+            raise InvalidRequest("field 'pad_lengths' must be a list of non-negative integers")
+        if batch is not None and len(pads) != batch:
+            raise InvalidRequest(f"'pad_lengths' has {len(pads)} entries for a batch of {batch}")
+        return torch.tensor(pads) if any(pads) else None
+
+    def _hidden_states(
+        self, request: runtime_pb2.ExpertRequest, dtype: torch.dtype, batch: int | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        try:
+            tensors = decode_tensors(request)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from e
+        if not tensors:
+            raise InvalidRequest("the message carries no hidden states")
+        hidden, *extra = tensors
+        check_hidden_states(
+            hidden,
+            hidden_size=self.span.config.hidden_size,
+            dtype=dtype,
+            batch=batch,
+            limits=self.limits,
+        )
+        if extra:
+            raise InvalidRequest(f"{len(extra)} unexpected extra tensors (no adapter is served)")
+        return hidden, extra
+
+    def _sub_span(self, start: int, end: int) -> BlockSpan:
+        """A view of our layers ``[start, end)`` sharing weights (cached per sub-span)."""
+        if (start, end) == (self.span.start, self.span.end):
+            return self.span
+        if (start, end) not in self._sub_spans:
+            offset = self.span.start
+            layers = self.span.layers[start - offset : end - offset]
+            self._sub_spans[start, end] = BlockSpan(self.span.config, start, end, layers)
+        return self._sub_spans[start, end]
+
+    def _refuse(self, error: InvalidRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        logger.warning("refused a request from %s: %s", context.remote_id, error)
+        return error_response(str(error), ErrorCode.INVALID)
