@@ -1,0 +1,28 @@
+"""Peers the client avoids for a while after a fault, with backoff on repeat offences."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+logger = logging.getLogger("swarmllm.client")
+
+
+class BanList:
+    def __init__(self, base_seconds: float = 30.0, max_seconds: float = 600.0):
+        self.base_seconds, self.max_seconds = base_seconds, max_seconds
+        self._until: dict[str, float] = {}
+        self._offences: dict[str, int] = {}
+
+    def ban(self, peer_id: str, reason: str) -> float:
+        """Ban ``peer_id``; each repeat offence doubles the ban. Returns its length in seconds."""
+        offences = self._offences.get(peer_id, 0) + 1
+        self._offences[peer_id] = offences
+        seconds = min(self.base_seconds * 2 ** (offences - 1), self.max_seconds)
+        self._until[peer_id] = time.monotonic() + seconds
+        logger.warning("banned peer %s for %.0f s: %s", peer_id, seconds, reason)
+        return seconds
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        return {peer for peer, until in self._until.items() if until > now}

@@ -1,0 +1,103 @@
+"""A client's handle on the swarm: a DHT node in client mode, its P2P daemon, and an event loop.
+
+The loop runs in a background thread so the synchronous API (``generate``) can drive many
+concurrent RPCs; every call into it is bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import hivemind
+from hivemind.p2p import P2P, PeerID
+
+from swarmllm.dht.coverage import get_coverage
+from swarmllm.dht.records import CoverageMap
+from swarmllm.peer.servicer import PeerServicer
+from swarmllm.protocol import SERVICER_NAMESPACE, decode_meta, encode_request, raise_if_error
+from swarmllm.security.identity import load_or_create_identity
+from swarmllm.security.record_validator import PeerIdSignatureValidator
+
+T = TypeVar("T")
+
+PING_TIMEOUT = 3.0
+
+
+class SwarmUnreachableError(ConnectionError):
+    """None of the initial peers could be reached."""
+
+
+class SwarmConnection:
+    def __init__(self, initial_peers: Sequence[str], *, start_timeout: float = 30.0):
+        if not initial_peers:
+            raise ValueError("no initial peers given: pass the multiaddr a peer printed at start")
+        self._scratch = tempfile.TemporaryDirectory(prefix="swarmllm-client-")
+        identity_path = Path(self._scratch.name) / "identity.key"
+        key = load_or_create_identity(identity_path)
+        self.dht = hivemind.DHT(
+            initial_peers=list(initial_peers),
+            client_mode=True,
+            identity_path=str(identity_path),
+            check_if_identity_free=False,  # hivemind reads the key as RSA here; ours is Ed25519
+            record_validators=[PeerIdSignatureValidator(key)],
+            start=False,
+        )
+        try:
+            self.dht.run_in_background(await_ready=True, timeout=start_timeout)
+        except Exception as e:
+            self.dht.shutdown()
+            self._scratch.cleanup()
+            raise SwarmUnreachableError(
+                f"could not join the swarm through {', '.join(initial_peers)}: {e}"
+            ) from e
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.p2p: P2P = self.run(self.dht.replicate_p2p(), timeout=start_timeout)
+        self.rtt: dict[str, float] = {}
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the connection's loop from any other thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def coverage(self, model_id: str, num_blocks: int, extra: Sequence[str] = ()) -> CoverageMap:
+        return get_coverage(self.dht, model_id, num_blocks, extra_blocks=extra)
+
+    def stub(self, peer_id: str):
+        return PeerServicer.get_stub(
+            self.p2p, PeerID.from_base58(peer_id), namespace=SERVICER_NAMESPACE
+        )
+
+    async def info(self, peer_id: str, timeout: float = PING_TIMEOUT) -> dict[str, Any]:
+        """The peer's ``info`` reply; records the round-trip time as the peer's RTT."""
+        started = time.perf_counter()
+        reply = await self.stub(peer_id).rpc_info(encode_request({}), timeout=timeout)
+        self.rtt[peer_id] = time.perf_counter() - started
+        meta = decode_meta(reply.metadata)
+        raise_if_error(meta, peer_id)
+        return meta
+
+    async def ping_all(self, peer_ids: Sequence[str], timeout: float = PING_TIMEOUT) -> None:
+        """Measure RTTs to peers concurrently; unreachable ones get no RTT (routing then
+        assumes the default)."""
+        await asyncio.gather(*(self.info(p, timeout) for p in peer_ids), return_exceptions=True)
+
+    def shutdown(self) -> None:
+        if self.loop.is_running():
+            self.run(self.p2p.shutdown(), timeout=5)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+        self.dht.shutdown()
+        self._scratch.cleanup()
+
+    def __enter__(self) -> SwarmConnection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,223 @@
+"""One open inference stream to one peer, for one sub-span, with every reply verified."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from swarmllm.client.connection import SwarmConnection
+from swarmllm.client.routing import Hop
+from swarmllm.protocol import ErrorCode, decode_meta, decode_tensors, encode_request
+from swarmllm.security.signing import (
+    PROTOCOL_VERSION,
+    ActivationDigest,
+    SignatureError,
+    tensor_digest,
+    verify_activation,
+)
+
+logger = logging.getLogger("swarmllm.client")
+
+
+class HopFailure(RuntimeError):
+    """A hop could not serve a step; ``fault`` is False for a healthy peer that is merely busy."""
+
+    def __init__(self, hop: Hop, reason: str, *, fault: bool = True):
+        super().__init__(f"peer {hop.peer_id} (blocks {hop.start}-{hop.end - 1}): {reason}")
+        self.hop, self.reason, self.fault = hop, reason, fault
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What every hop of one inference session is opened with."""
+
+    model_id: str
+    session_id: str
+    max_length: int
+    batch: int = 1
+    pad_lengths: tuple[int, ...] | None = None
+    wire_dtype: str = "float32"
+    step_timeout: float = 10.0  # seconds for one step, plus TOKEN_TIMEOUT per token sent
+    verify_signatures: bool = True
+
+    def timeout_for(self, num_tokens: int) -> float:
+        return self.step_timeout + TOKEN_TIMEOUT * num_tokens * self.batch
+
+
+TOKEN_TIMEOUT = 0.05
+
+
+class HopStream:
+    def __init__(self, connection: SwarmConnection, hop: Hop, spec: SessionSpec):
+        self.connection, self.hop, self.spec = connection, hop, spec
+        self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self._step = 0
+
+    async def open(self) -> None:
+        opening = {
+            "model_id": self.spec.model_id,
+            "session_id": self.spec.session_id,
+            "start": self.hop.start,
+            "end": self.hop.end,
+            "max_length": self.spec.max_length,
+            "batch": self.spec.batch,
+            "pad_lengths": list(self.spec.pad_lengths) if self.spec.pad_lengths else None,
+            "wire_dtype": self.spec.wire_dtype,
+        }
+        self._outbox.put_nowait(encode_request({"open": opening}))
+        try:
+            stub = self.connection.stub(self.hop.peer_id)
+            self._replies = await asyncio.wait_for(
+                stub.rpc_inference(self._requests()), self.spec.step_timeout
+            )
+        except Exception as e:
+            raise HopFailure(self.hop, f"cannot open a stream: {e or type(e).__name__}") from e
+        meta, _ = await self._receive(self.spec.step_timeout)
+        if not meta.get("opened"):
+            raise HopFailure(self.hop, f"unexpected reply to opening the session: {meta}")
+
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Send new hidden states starting at ``position``; return the verified output."""
+        self._step += 1
+        self._outbox.put_nowait(
+            encode_request({"position": position, "step": self._step}, [hidden])
+        )
+        meta, tensors = await self._receive(self.spec.timeout_for(hidden.shape[1]))
+        if meta.get("position") != position or meta.get("step") != self._step or len(tensors) != 1:
+            raise HopFailure(self.hop, f"reply does not match step {self._step}: {meta}")
+        output = tensors[0]
+        if output.shape != hidden.shape or output.dtype != hidden.dtype:
+            raise HopFailure(
+                self.hop,
+                f"reply has shape {list(output.shape)} {output.dtype}, "
+                f"expected {list(hidden.shape)} {hidden.dtype}",
+            )
+        if self.spec.verify_signatures:
+            self._verify(meta, position, hidden, output)
+        return output
+
+    def _verify(
+        self, meta: dict[str, Any], position: int, hidden: torch.Tensor, output: torch.Tensor
+    ) -> None:
+        signed = ActivationDigest(
+            protocol_version=PROTOCOL_VERSION,
+            model_id=self.spec.model_id,
+            session_id=self.spec.session_id,
+            position=position,
+            step=self._step,
+            start=self.hop.start,
+            end=self.hop.end,
+            input_digest=tensor_digest(hidden),
+            output_digest=tensor_digest(output),
+        )
+        verify_reply(self.hop, signed, meta.get("signature"))
+
+    async def _receive(self, timeout: float) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        assert self._replies is not None
+        return await read_reply(self._replies, self.hop, timeout)
+
+    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while (request := await self._outbox.get()) is not None:
+            yield request
+
+    async def close(self) -> None:
+        """End the session on the peer (an empty message), then the stream itself."""
+        self._outbox.put_nowait(runtime_pb2.ExpertRequest())
+        self._outbox.put_nowait(None)
+        if self._replies is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._replies.aclose(), 1.0)
+
+
+async def read_reply(
+    replies: AsyncIterator[runtime_pb2.ExpertResponse], hop: Hop, timeout: float
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """The next reply of a stream, decoded; every way it can fail becomes a ``HopFailure``."""
+    try:
+        reply = await asyncio.wait_for(anext(replies), timeout)
+    except StopAsyncIteration:
+        raise HopFailure(hop, "the peer closed the stream") from None
+    except asyncio.TimeoutError:
+        raise HopFailure(hop, f"no reply within {timeout:.1f} s") from None
+    except Exception as e:
+        raise HopFailure(hop, f"stream failed: {e or type(e).__name__}") from e
+    try:
+        meta, tensors = decode_meta(reply.metadata), decode_tensors(reply)
+    except ValueError as e:
+        raise HopFailure(hop, f"malformed reply: {e}") from e
+    if "error" in meta:
+        busy = meta.get("code") == ErrorCode.BUSY
+        raise HopFailure(hop, f"error reply: {meta['error']}", fault=not busy)
+    return meta, tensors
+
+
+def verify_reply(hop: Hop, signed: ActivationDigest, signature: object) -> None:
+    """Check the hop's signature over ``signed``; log the evidence and fail the hop if bad."""
+    try:
+        if not isinstance(signature, bytes):
+            raise SignatureError(f"reply from {hop.peer_id} carries no signature")
+        verify_activation(hop.peer_id, signed, signature)
+    except SignatureError as e:
+        logger.error(
+            "bad signature from %s at step %d (input %s, output %s): %s",
+            hop.peer_id,
+            signed.step,
+            signed.input_digest.hex()[:16],
+            signed.output_digest.hex()[:16],
+            e,
+        )
+        raise HopFailure(hop, f"invalid signature: {e}") from e
+
+
+async def remote_forward(
+    connection: SwarmConnection,
+    hop: Hop,
+    model_id: str,
+    hidden: torch.Tensor,
+    *,
+    timeout: float = 30.0,
+    verify_signatures: bool = True,
+) -> torch.Tensor:
+    """Stateless run of whole sequences through ``hop`` (the ``forward`` RPC), verified."""
+    meta = {
+        "model_id": model_id,
+        "start": hop.start,
+        "end": hop.end,
+        "wire_dtype": str(hidden.dtype).removeprefix("torch."),
+    }
+    try:
+        stub = connection.stub(hop.peer_id)
+        replies = await asyncio.wait_for(
+            stub.rpc_forward(_single(encode_request(meta, [hidden]))), timeout
+        )
+    except Exception as e:
+        raise HopFailure(hop, f"cannot call forward: {e or type(e).__name__}") from e
+    reply_meta, tensors = await read_reply(replies, hop, timeout)
+    if len(tensors) != 1 or tensors[0].shape != hidden.shape:
+        raise HopFailure(hop, f"forward reply has the wrong shape: {reply_meta}")
+    if verify_signatures:
+        signed = ActivationDigest(
+            PROTOCOL_VERSION,
+            model_id,
+            "",
+            0,
+            0,
+            hop.start,
+            hop.end,
+            tensor_digest(hidden),
+            tensor_digest(tensors[0]),
+        )
+        verify_reply(hop, signed, reply_meta.get("signature"))
+    return tensors[0]
+
+
+async def _single(request: runtime_pb2.ExpertRequest) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+    yield request

@@ -1,0 +1,211 @@
+"""``DistributedModelForCausalLM``: embeddings, final norm and LM head here; blocks in the swarm."""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import torch
+import transformers
+
+from swarmllm.blocks.head import ModelHead
+from swarmllm.blocks.sources import ModelSource, resolve_model
+from swarmllm.client.bans import BanList
+from swarmllm.client.connection import SwarmConnection
+from swarmllm.client.generation import GenerationConfig, generate_tokens
+from swarmllm.client.hop import SessionSpec
+from swarmllm.client.routing import Hop, NoRouteError
+from swarmllm.client.session import InferenceSession, Router
+from swarmllm.protocol import WIRE_DTYPES
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+class ModelNotInSwarmError(LookupError):
+    """No peer of the swarm announces any block of the requested model."""
+
+
+class ClientSession:
+    """A synchronous handle on an inference session; reusable across turns of a chat."""
+
+    def __init__(self, model: DistributedModelForCausalLM, session: InferenceSession):
+        self.model, self._session = model, session
+        self.token_ids: torch.Tensor | None = None  # every token fed so far, for penalties
+
+    @property
+    def position(self) -> int:
+        return self._session.position
+
+    @property
+    def route(self) -> list[Hop]:
+        return self._session.route
+
+    def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """Send hidden states (compute dtype) through the chain; returns the last hop's output."""
+        wire = hidden.to(WIRE_DTYPES[self._session.spec.wire_dtype])
+        output = self.model.connection.run(self._session.step(wire, position))
+        return output.to(hidden.dtype)
+
+    def close(self) -> None:
+        self.model.connection.run(self._session.close(), timeout=10)
+
+    def __enter__(self) -> ClientSession:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class DistributedModelForCausalLM:
+    def __init__(
+        self,
+        source: ModelSource,
+        head: ModelHead,
+        connection: SwarmConnection,
+        *,
+        wire_dtype: str = "float32",
+        allowed_peers: Collection[str] | None = None,
+        step_timeout: float = 10.0,
+        verify_signatures: bool = True,
+    ):
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+        self.source, self.head, self.connection = source, head, connection
+        self.config = source.config
+        self.generation_defaults = _generation_defaults(source)
+        self.wire_dtype, self.step_timeout = wire_dtype, step_timeout
+        self.verify_signatures = verify_signatures
+        self.bans = BanList()
+        self.router = Router(
+            connection, source.model_id, source.config.num_hidden_layers, self.bans, allowed_peers
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_ref: str | None = None,
+        *,
+        initial_peers: Sequence[str],
+        dtype: torch.dtype = torch.float32,
+        **kwargs: Any,
+    ) -> DistributedModelForCausalLM:
+        source = resolve_model(model_ref)
+        head = ModelHead.from_weights(source.config, source.weight_files(), dtype)
+        connection = SwarmConnection(initial_peers)
+        try:
+            return cls(source, head, connection, **kwargs)
+        except BaseException:
+            connection.shutdown()
+            raise
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """Loaded on first use: generating from token ids needs none."""
+        return self.source.load_tokenizer()
+
+    @property
+    def model_id(self) -> str:
+        return self.source.model_id
+
+    def check_coverage(self) -> None:
+        """Raise a clear error when the swarm lacks this model or some of its blocks."""
+        coverage = self.connection.coverage(self.model_id, self.config.num_hidden_layers)
+        if not coverage.peers():
+            raise ModelNotInSwarmError(
+                f"no peer in the swarm serves model {self.model_id} ({self.source.name})"
+            )
+        uncovered = coverage.uncovered_ranges()
+        if uncovered:
+            ranges = ", ".join(f"{a}-{b - 1}" for a, b in uncovered)
+            raise NoRouteError(
+                f"model {self.model_id}: no live peer serves blocks {ranges}", uncovered
+            )
+
+    def inference_session(
+        self, max_length: int = DEFAULT_MAX_LENGTH, batch: int = 1, pad_lengths=None
+    ) -> ClientSession:
+        spec = SessionSpec(
+            model_id=self.model_id,
+            session_id=uuid.uuid4().hex,
+            max_length=max_length,
+            batch=batch,
+            pad_lengths=tuple(pad_lengths)
+            if pad_lengths is not None and any(pad_lengths)
+            else None,
+            wire_dtype=self.wire_dtype,
+            step_timeout=self.step_timeout,
+            verify_signatures=self.verify_signatures,
+        )
+        session = InferenceSession(self.router, spec)
+        self.connection.run(session.open())
+        return ClientSession(self, session)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, tokens, vocab] for whole sequences (one prefill through the swarm)."""
+        with self.inference_session(max_length=input_ids.shape[1], batch=input_ids.shape[0]) as s:
+            return self.head.logits(s.step(self.head.embed(input_ids)))
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        session: ClientSession | None = None,
+        streamer: Any = None,
+        **config: Any,
+    ) -> torch.Tensor:
+        """Generate like transformers' ``generate``: returns prompt + new tokens [batch, n].
+
+        ``config`` takes max_new_tokens, do_sample, temperature, top_k, top_p,
+        repetition_penalty, seed, eos_token_id and stop_strings. With ``session`` the prompt
+        continues that session (multi-turn chat: pass only the new turn's tokens).
+        ``streamer`` is any transformers streamer (``put``/``end``), e.g. ``TextStreamer``.
+        """
+        settings = GenerationConfig.build(self.generation_defaults, **config)
+        pad_lengths = _left_padding(input_ids, attention_mask)
+        if session is not None:
+            if pad_lengths is not None:
+                raise ValueError("padded prompts cannot continue an existing session")
+            return generate_tokens(
+                self.head, session, input_ids, settings, self.tokenizer, streamer
+            )
+        max_length = input_ids.shape[1] + settings.max_new_tokens
+        with self.inference_session(max_length, input_ids.shape[0], pad_lengths) as own_session:
+            return generate_tokens(
+                self.head, own_session, input_ids, settings, self._decode, streamer
+            )
+
+    def _decode(self, token_ids: torch.Tensor) -> list[str]:
+        return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+
+    def shutdown(self) -> None:
+        self.connection.shutdown()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def _left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int] | None:
+    """Per-row count of left-padding tokens; raises on right padding."""
+    if attention_mask is None:
+        return None
+    real = attention_mask.sum(dim=1)
+    pads = (input_ids.shape[1] - real).tolist()
+    for row, pad in enumerate(pads):  # the mask sums to the real tokens: they must end the row
+        if not attention_mask[row, pad:].all():
+            raise ValueError("prompts must be left-padded (set tokenizer.padding_side = 'left')")
+    return pads if any(pads) else None
+
+
+def _generation_defaults(source: ModelSource) -> transformers.GenerationConfig:
+    """The checkpoint's generation_config.json (eos, pad), as transformers' generate uses it."""
+    if (source.path / "generation_config.json").is_file():
+        return transformers.GenerationConfig.from_pretrained(source.path)
+    return transformers.GenerationConfig.from_model_config(source.config)

@@ -1,0 +1,54 @@
+"""``swarmllm dht``: a bootstrap node that serves only the DHT, for stable initial peers."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from swarmllm.cli import multiaddr
+
+
+def add_dht_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("dht", help="run a DHT-only bootstrap node")
+    parser.add_argument("--initial-peers", nargs="*", type=multiaddr, default=[])
+    parser.add_argument(
+        "--host-maddrs", nargs="+", type=multiaddr, default=["/ip4/0.0.0.0/tcp/31337"]
+    )
+    parser.add_argument("--announce-maddrs", nargs="*", type=multiaddr, default=[])
+    parser.add_argument(
+        "--identity", type=Path, help="key file (created if missing) that keeps the address stable"
+    )
+    parser.set_defaults(handler=run_dht)
+
+
+def run_dht(args: argparse.Namespace) -> None:
+    import hivemind
+
+    from swarmllm.security.identity import load_or_create_identity
+    from swarmllm.security.record_validator import PeerIdSignatureValidator
+
+    with tempfile.TemporaryDirectory(prefix="swarmllm-dht-") as scratch:
+        identity = args.identity or Path(scratch) / "identity.key"
+        key = load_or_create_identity(identity)
+        dht = hivemind.DHT(
+            initial_peers=args.initial_peers,
+            host_maddrs=args.host_maddrs,
+            announce_maddrs=args.announce_maddrs or None,
+            identity_path=str(identity),
+            check_if_identity_free=False,  # hivemind reads the key as RSA here; ours is Ed25519
+            record_validators=[PeerIdSignatureValidator(key)],
+            start=True,
+        )
+        try:
+            print("swarmllm DHT node is up; other peers join with:", flush=True)
+            for maddr in dht.get_visible_maddrs():
+                print(f"  --initial-peers {maddr}", flush=True)
+            stop = threading.Event()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: stop.set())
+            stop.wait()
+        finally:
+            dht.shutdown()

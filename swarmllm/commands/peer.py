@@ -1,0 +1,63 @@
+"""``swarmllm peer``: serve a span of a model's blocks to the swarm."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from swarmllm.cli import block_range, multiaddr, positive_int
+
+
+def add_peer_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("peer", help="serve a span of blocks to the swarm")
+    parser.add_argument("--model", help="hub id or local directory (default: embedded SmolLM2)")
+    parser.add_argument(
+        "--initial-peers", nargs="*", type=multiaddr, default=[], help="omit to start a new swarm"
+    )
+    blocks = parser.add_mutually_exclusive_group()
+    blocks.add_argument("--blocks", type=block_range, help="serve blocks A:B (A inclusive)")
+    blocks.add_argument(
+        "--num-blocks", type=positive_int, help="serve K blocks where the swarm needs them most"
+    )
+    parser.add_argument(
+        "--identity", type=Path, help="key file (created with mode 0600 if missing)"
+    )
+    parser.add_argument("--host-maddrs", nargs="+", type=multiaddr, default=["/ip4/0.0.0.0/tcp/0"])
+    parser.add_argument("--announce-maddrs", nargs="*", type=multiaddr, default=[])
+    parser.add_argument("--cache-tokens", type=positive_int, default=16384, help="KV cache budget")
+    parser.add_argument("--max-sessions", type=positive_int, default=32)
+    parser.add_argument("--public-name", default="", help="a name shown in `swarmllm status`")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--session-timeout", type=float, default=300.0, help="idle seconds")
+    parser.add_argument("--num-threads", type=positive_int, help="torch threads for compute")
+    parser.add_argument(
+        "--refresh-period", type=float, default=10.0, help="seconds between DHT announcements"
+    )
+    parser.set_defaults(handler=run_peer_command)
+
+
+def run_peer_command(args: argparse.Namespace) -> None:
+    from swarmllm.blocks.sources import resolve_model
+    from swarmllm.peer.server import PeerSettings, check_blocks, run_peer
+    from swarmllm.security.identity import load_or_create_identity
+
+    if args.identity is not None:
+        load_or_create_identity(args.identity)  # fail now on a corrupt or unreadable file
+    source = resolve_model(args.model)
+    check_blocks(args.blocks, source)
+    settings = PeerSettings(
+        initial_peers=args.initial_peers,
+        blocks=args.blocks,
+        num_blocks=args.num_blocks,
+        identity=args.identity,
+        host_maddrs=args.host_maddrs,
+        announce_maddrs=args.announce_maddrs,
+        cache_tokens=args.cache_tokens,
+        max_sessions=args.max_sessions,
+        public_name=args.public_name,
+        dtype=args.dtype,
+        session_timeout=args.session_timeout,
+        num_threads=args.num_threads,
+        refresh_period=args.refresh_period,
+    )
+    run_peer(settings, source)

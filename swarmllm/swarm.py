@@ -1,0 +1,232 @@
+"""A local swarm: a bootstrap DHT node and N peer processes on loopback.
+
+Used by ``swarmllm swarm`` for demos and, as a context manager, by the integration tests.
+Every process is started and stopped by PID; ``stop`` escalates SIGTERM → SIGKILL after a
+bounded wait.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from swarmllm.blocks.sources import ModelSource, resolve_model
+from swarmllm.dht.records import CoverageMap, PeerState
+from swarmllm.security.identity import create_identity, peer_id_of
+
+HOST = "127.0.0.1"
+STOP_TIMEOUT = 10.0
+BOOTSTRAP_TIMEOUT = 60.0
+
+
+class SwarmStartError(RuntimeError):
+    """A process of the swarm died or the swarm did not come up in time."""
+
+
+@dataclass
+class PeerProcess:
+    name: str
+    peer_id: str
+    blocks: tuple[int, int] | None
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def send_signal(self, signum: int) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signum)
+
+
+def even_spans(num_blocks: int, num_spans: int) -> list[tuple[int, int]]:
+    """Split ``[0, num_blocks)`` into ``num_spans`` contiguous spans of near-equal size."""
+    if not 1 <= num_spans <= num_blocks:
+        raise ValueError(f"cannot split {num_blocks} blocks into {num_spans} spans")
+    bounds = [round(i * num_blocks / num_spans) for i in range(num_spans + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+class LocalSwarm:
+    def __init__(
+        self,
+        num_peers: int = 3,
+        model: str | None = None,
+        *,
+        replicas: int = 1,
+        workdir: Path | None = None,
+        peer_args: Sequence[str] = (),
+        source: ModelSource | None = None,
+    ):
+        if num_peers < 1 or replicas < 1 or num_peers % replicas:
+            raise ValueError(
+                f"--peers ({num_peers}) must be a positive multiple of --replicas ({replicas})"
+            )
+        self.num_peers, self.replicas, self.peer_args = num_peers, replicas, list(peer_args)
+        self.model = model
+        self.source = source
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="swarmllm-swarm-"))
+        self.bootstrap: PeerProcess | None = None
+        self.peers: list[PeerProcess] = []
+
+    @property
+    def initial_peers(self) -> list[str]:
+        assert self.bootstrap is not None, "the swarm is not started"
+        return [self._bootstrap_maddr]
+
+    def start(self) -> LocalSwarm:
+        if self.source is None:
+            self.source = resolve_model(self.model)  # convert once, before any peer starts
+        spans = even_spans(self.source.config.num_hidden_layers, self.num_peers // self.replicas)
+        self._start_bootstrap()
+        for replica in range(self.replicas):
+            for index, (start, end) in enumerate(spans):
+                self.start_peer(f"peer{index}-{replica}", blocks=(start, end))
+        return self
+
+    def start_peer(
+        self, name: str, blocks: tuple[int, int] | None = None, extra_args: Sequence[str] = ()
+    ) -> PeerProcess:
+        """Start one more peer process (``blocks`` None: it chooses its own span)."""
+        identity = self.workdir / f"{name}.key"
+        peer_id = peer_id_of(create_identity(identity))
+        args = ["peer", "--initial-peers", *self.initial_peers, "--identity", str(identity)]
+        args += ["--host-maddrs", f"/ip4/{HOST}/tcp/0", "--public-name", name]
+        args += ["--model", str(self.source.path)] if self.source else []
+        if blocks is not None:
+            args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
+        peer = self._spawn(name, peer_id, blocks, [*args, *self.peer_args, *extra_args])
+        self.peers.append(peer)
+        return peer
+
+    def wait_until_ready(
+        self,
+        timeout: float = 120.0,
+        on_progress: Callable[[int, int], None] | None = None,
+        full_coverage: bool = True,
+    ) -> CoverageMap:
+        """Wait until every started peer is ONLINE in the DHT (and, by default, until every
+        block of the model is served)."""
+        from swarmllm.client.connection import SwarmConnection  # the client's DHT reader
+
+        assert self.source is not None
+        deadline = time.monotonic() + timeout
+        with SwarmConnection(self.initial_peers) as connection:
+            while True:
+                self._check_alive()
+                current = connection.coverage(
+                    self.source.model_id, self.source.config.num_hidden_layers
+                )
+                online = {
+                    peer_id
+                    for peer_id, record in current.peers().items()
+                    if record.state == PeerState.ONLINE
+                }
+                ready = sum(peer.peer_id in online for peer in self.peers)
+                if on_progress is not None:
+                    on_progress(ready, len(self.peers))
+                if ready == len(self.peers) and (current.fully_covered or not full_coverage):
+                    return current
+                if time.monotonic() > deadline:
+                    raise SwarmStartError(
+                        f"only {ready} of {len(self.peers)} peers came online in {timeout:.0f} s"
+                    )
+                time.sleep(0.5)
+
+    def peer(self, peer_id: str) -> PeerProcess:
+        return next(p for p in self.peers if p.peer_id == peer_id)
+
+    def stop(self) -> None:
+        """SIGTERM every process we started (peers first), then SIGKILL stragglers."""
+        processes = [*self.peers, *([self.bootstrap] if self.bootstrap else [])]
+        for proc in processes:
+            proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for proc in processes:
+            try:
+                proc.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.process.kill()
+                proc.process.wait(timeout=5)
+        self.peers, self.bootstrap = [], None
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalSwarm:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _start_bootstrap(self) -> None:
+        identity = self.workdir / "bootstrap.key"
+        peer_id = peer_id_of(create_identity(identity))
+        port = free_port()
+        maddr = f"/ip4/{HOST}/tcp/{port}"
+        self._bootstrap_maddr = f"{maddr}/p2p/{peer_id}"
+        args = ["dht", "--identity", str(identity), "--host-maddrs", maddr]
+        self.bootstrap = self._spawn("bootstrap", peer_id, None, args)
+        self._wait_for_port(port, BOOTSTRAP_TIMEOUT)
+
+    def _wait_for_port(self, port: int, timeout: float) -> None:
+        """Peers can only join once the bootstrap node listens."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            with socket.socket() as sock:
+                sock.settimeout(0.5)
+                if sock.connect_ex((HOST, port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise SwarmStartError(f"the bootstrap node did not listen on port {port} in {timeout} s")
+
+    def _spawn(
+        self, name: str, peer_id: str, blocks: tuple[int, int] | None, args: list[str]
+    ) -> PeerProcess:
+        log_path = self.workdir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "swarmllm.cli", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        return PeerProcess(name, peer_id, blocks, process, log_path)
+
+    def _check_alive(self) -> None:
+        for proc in [self.bootstrap, *self.peers]:
+            if proc is not None and proc.process.poll() is not None:
+                raise SwarmStartError(
+                    f"{proc.name} exited with code {proc.process.returncode}:\n{proc.log_tail()}"
+                )
