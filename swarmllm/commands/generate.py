@@ -10,9 +10,9 @@ from swarmllm.cli import multiaddr, positive_int
 
 def add_generate_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("generate", help="generate text through the swarm")
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", nargs="?", help="the prompt (may also follow --initial-peers)")
     parser.add_argument("--model", help="hub id or local directory (default: embedded SmolLM2)")
-    parser.add_argument("--initial-peers", nargs="+", type=multiaddr, required=True)
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
@@ -38,6 +38,7 @@ def generate(args: argparse.Namespace) -> None:
     from swarmllm.client.model import DistributedModelForCausalLM
     from swarmllm.client.routing import format_route
 
+    _take_trailing_prompt(args)
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     sampling = (
@@ -78,3 +79,17 @@ def generate(args: argparse.Namespace) -> None:
                 seed=args.seed,
                 **sampling,
             )
+
+
+def _take_trailing_prompt(args: argparse.Namespace) -> None:
+    """``--initial-peers A B "prompt"``: argparse gives the prompt to --initial-peers."""
+    peers = args.initial_peers
+    if args.prompt is None and peers and not peers[-1].startswith("/"):
+        args.prompt = peers.pop()
+    if args.prompt is None:
+        raise ValueError("no prompt given")
+    for peer in peers:
+        try:
+            multiaddr(peer)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(str(e)) from None
