@@ -16,7 +16,7 @@ from swarmllm.client.bans import BanList
 from swarmllm.client.connection import SwarmConnection
 from swarmllm.client.generation import GenerationConfig, generate_tokens
 from swarmllm.client.hop import SessionSpec
-from swarmllm.client.routing import Hop, NoRouteError
+from swarmllm.client.routing import Hop
 from swarmllm.client.session import InferenceSession, Router
 from swarmllm.protocol import WIRE_DTYPES
 
@@ -116,12 +116,8 @@ class DistributedModelForCausalLM:
             raise ModelNotInSwarmError(
                 f"no peer in the swarm serves model {self.model_id} ({self.source.name})"
             )
-        uncovered = coverage.uncovered_ranges()
-        if uncovered:
-            ranges = ", ".join(f"{a}-{b - 1}" for a, b in uncovered)
-            raise NoRouteError(
-                f"model {self.model_id}: no live peer serves blocks {ranges}", uncovered
-            )
+        # a route proves that every block has a live, reachable peer (or names those without)
+        self.connection.run(self.router.route(0, self.config.num_hidden_layers, min_cache_tokens=0))
 
     def inference_session(
         self, max_length: int = DEFAULT_MAX_LENGTH, batch: int = 1, pad_lengths=None
@@ -170,9 +166,7 @@ class DistributedModelForCausalLM:
         if session is not None:
             if pad_lengths is not None:
                 raise ValueError("padded prompts cannot continue an existing session")
-            return generate_tokens(
-                self.head, session, input_ids, settings, self.tokenizer, streamer
-            )
+            return generate_tokens(self.head, session, input_ids, settings, self._decode, streamer)
         max_length = input_ids.shape[1] + settings.max_new_tokens
         with self.inference_session(max_length, input_ids.shape[0], pad_lengths) as own_session:
             return generate_tokens(

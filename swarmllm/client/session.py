@@ -50,6 +50,9 @@ class Router:
         unmeasured = [p for p in coverage.peers() if p not in self.connection.rtt]
         if unmeasured:
             await self.connection.ping_all(unmeasured)
+            for peer_id in unmeasured:  # a record can outlive its peer until it expires
+                if peer_id not in self.connection.rtt:
+                    self.bans.ban(peer_id, "did not answer a ping")
         return find_route(
             coverage,
             start=start,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from swarmllm.cli import multiaddr, positive_int
@@ -29,7 +30,8 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--show-route", action="store_true", help="print the chosen peers to stderr"
     )
-    parser.set_defaults(handler=generate)
+    # stderr carries only the answer's errors; -v shows failovers and bans
+    parser.set_defaults(handler=generate, log_level=logging.ERROR)
 
 
 def generate(args: argparse.Namespace) -> None:

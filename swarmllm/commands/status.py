@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from swarmllm.cli import multiaddr
 
@@ -13,7 +14,8 @@ def add_status_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="hub id or local directory (default: embedded SmolLM2)")
     parser.add_argument("--initial-peers", nargs="+", type=multiaddr, required=True)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.set_defaults(handler=status)
+    # stderr carries only the answer's errors; -v shows failovers and bans
+    parser.set_defaults(handler=status, log_level=logging.ERROR)
 
 
 def status(args: argparse.Namespace) -> None:

@@ -1,0 +1,126 @@
+"""Failover mid-generation: a peer killed or frozen while a session uses it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarmllm.blocks.sources import ModelSource
+from swarmllm.client.model import ClientSession, DistributedModelForCausalLM
+from swarmllm.client.routing import NoRouteError
+from swarmllm.swarm import LocalSwarm
+
+pytestmark = pytest.mark.slow
+
+PROMPT_LENGTH, NEW_TOKENS, FAIL_AFTER = 12, 30, 10
+
+
+class AfterTokens:
+    """A streamer that runs ``action`` once the ``n``-th new token has been produced."""
+
+    def __init__(self, n: int, action: Callable[[], None]):
+        self.n, self.action, self.seen = n, action, -1  # the first put is the prompt
+
+    def put(self, value: torch.Tensor) -> None:
+        self.seen += 1
+        if self.seen == self.n:
+            self.action()
+
+    def end(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_source) -> ModelSource:
+    return tiny_source("llama")
+
+
+@pytest.fixture(scope="module")
+def prompt() -> torch.Tensor:
+    return torch.randint(0, 128, (1, PROMPT_LENGTH), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def expected(llama: ModelSource, prompt: torch.Tensor) -> list[int]:
+    reference = AutoModelForCausalLM.from_pretrained(llama.path, dtype=torch.float32).eval()
+    reference.generation_config.eos_token_id = None
+    return reference.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
+
+
+def _swarm(llama: ModelSource, tmp_path, replicas: int) -> LocalSwarm:
+    return LocalSwarm(3 * replicas, source=llama, replicas=replicas, workdir=tmp_path)
+
+
+def _generate(model: DistributedModelForCausalLM, prompt, streamer, session) -> list[int]:
+    output = model.generate(
+        prompt, session=session, streamer=streamer, max_new_tokens=NEW_TOKENS, eos_token_id=[]
+    )
+    return output[0].tolist()
+
+
+def _middle_peer(swarm: LocalSwarm, session: ClientSession):
+    return swarm.peer(session.route[len(session.route) // 2].peer_id)
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_generation_survives_losing_a_peer_mid_way(how, llama, prompt, expected, tmp_path):
+    with _swarm(llama, tmp_path, replicas=2) as swarm:
+        swarm.wait_until_ready(timeout=180)
+        with DistributedModelForCausalLM.from_pretrained(
+            str(llama.path), initial_peers=swarm.initial_peers, step_timeout=2.0
+        ) as model:
+            with model.inference_session(max_length=PROMPT_LENGTH + NEW_TOKENS) as session:
+                victim = _middle_peer(swarm, session)
+                signum = signal.SIGKILL if how == "kill" else signal.SIGSTOP
+                streamer = AfterTokens(FAIL_AFTER, lambda: victim.send_signal(signum))
+                tokens = _generate(model, prompt, streamer, session)
+                assert victim.peer_id not in {hop.peer_id for hop in session.route}
+            assert victim.peer_id in model.bans.banned()
+        assert tokens == expected
+
+
+def test_losing_the_only_server_of_a_span_names_the_uncovered_blocks(llama, prompt, tmp_path):
+    with _swarm(llama, tmp_path, replicas=1) as swarm:
+        swarm.wait_until_ready(timeout=180)
+        with (
+            DistributedModelForCausalLM.from_pretrained(
+                str(llama.path), initial_peers=swarm.initial_peers, step_timeout=2.0
+            ) as model,
+            model.inference_session(max_length=PROMPT_LENGTH + NEW_TOKENS) as session,
+        ):
+            victim = _middle_peer(swarm, session)
+            streamer = AfterTokens(5, lambda: victim.send_signal(signal.SIGKILL))
+            started = time.monotonic()
+            with pytest.raises(NoRouteError) as error:
+                _generate(model, prompt, streamer, session)
+            assert time.monotonic() - started < 60
+        start, end = victim.blocks
+        assert f"blocks {start}-{end - 1}" in str(error.value)
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "swarmllm.cli",
+                "generate",
+                "--model",
+                str(llama.path),
+                "--timeout",
+                "2",
+                "--initial-peers",
+                *swarm.initial_peers,
+                "hello",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert cli.returncode != 0
+    assert f"blocks {start}-{end - 1}" in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1, cli.stderr
