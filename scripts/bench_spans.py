@@ -9,16 +9,13 @@ interleaved timed runs; the medians are compared. Writes bench_results/bench_spa
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import transformers
+from bench_common import write_report
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, GenerationConfig
@@ -107,18 +104,8 @@ def main() -> None:
         # the fastest runs are the least disturbed by other processes on a shared machine
         "ratio_of_fastest": min(seconds[names[0]]) / min(seconds[names[1]]),
         "target_ratio": TARGET_RATIO,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-        },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
 
     table = Table(title=f"{args.new_tokens} new tokens, {prompt.shape[1]}-token prompt, fp32")
     for column in ("engine", "median s", "min s", "max s", "tokens/s"):
