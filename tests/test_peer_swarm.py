@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -186,3 +187,48 @@ def test_invalid_peer_arguments_exit_with_one_clear_line(args, complaint, llama,
     assert complaint in result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 60
+
+
+def test_status_reports_every_peer_and_full_coverage(swarm, llama):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "swarmllm.cli",
+            "status",
+            "--model",
+            str(llama.path),
+            "--initial-peers",
+            *swarm.initial_peers,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["fully_covered"] and report["uncovered"] == []
+    rows = {row["peer_id"]: row for row in report["peers"]}
+    for peer in swarm.peers:
+        row = rows[peer.peer_id]
+        assert tuple(row["blocks"]) == peer.blocks
+        assert row["state"] == "ONLINE" and row["ping_ms"] is not None
+        assert row["throughput"] > 0 and row["cache_tokens_left"] > 0
+
+    table = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "swarmllm.cli",
+            "status",
+            "--model",
+            str(llama.path),
+            "--initial-peers",
+            *swarm.initial_peers,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert table.returncode == 0 and "fully covered" in table.stdout
