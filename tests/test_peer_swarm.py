@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -232,3 +233,33 @@ def test_status_reports_every_peer_and_full_coverage(swarm, llama):
         timeout=120,
     )
     assert table.returncode == 0 and "fully covered" in table.stdout
+
+
+def test_swarm_command_comes_up_and_stops_cleanly_on_ctrl_c(llama, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "swarmllm.cli", "swarm", "--peers", "2", "--model", str(llama.path)]
+        + ["--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
+            lines.append(process.stdout.readline())
+        assert any("swarm ready" in line for line in lines), lines
+        assert any("swarmllm generate" in line for line in lines)
+        peer_pids = [int(line.split("pid ")[1].rstrip(")\n")) for line in lines if "(pid " in line]
+        assert len(peer_pids) == 2
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0
+        assert "swarm stopped" in output
+        for pid in peer_pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

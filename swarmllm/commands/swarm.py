@@ -50,18 +50,22 @@ def run_swarm(args: argparse.Namespace) -> None:
         print(f"  swarmllm generate{model} --initial-peers {peers} --chat {question}")
         if args.ask:
             ask(args.model, swarm.initial_peers, args.ask)
-            return
-        print("\nCtrl-C stops the swarm.")
-        stop = threading.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
-        while not stop.wait(1.0):
-            for peer in swarm.peers:
-                if peer.process.poll() is not None:
-                    print(f"warning: {peer.name} exited with code {peer.process.returncode}")
-                    swarm.peers.remove(peer)
-                    break
+        else:
+            print("\nCtrl-C stops the swarm.")
+            _serve_until_stopped(swarm)
     print("swarm stopped")
+
+
+def _serve_until_stopped(swarm) -> None:
+    """Block until SIGINT/SIGTERM, reporting peers that exit on their own."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        for peer in list(swarm.peers):
+            if peer.process.poll() is not None:
+                print(f"warning: {peer.name} exited with code {peer.process.returncode}")
+                swarm.peers.remove(peer)
 
 
 def ask(model_ref: str | None, initial_peers: list[str], question: str) -> None:
