@@ -167,3 +167,10 @@ def test_cli_errors_are_one_clear_line(swarm, tmp_path):
     assert "no peer in the swarm serves model" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_stop_strings_end_generation_where_they_appear(model):
+    input_ids = chat_ids(model, "What is the capital of France?")
+    output = model.generate(input_ids, max_new_tokens=30, stop_strings=["Paris"])
+    text = model.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+    assert text.endswith("Paris"), text
