@@ -51,7 +51,6 @@ def run_swarm(args: argparse.Namespace) -> None:
         if args.ask:
             ask(args.model, swarm.initial_peers, args.ask)
         else:
-            print("\nCtrl-C stops the swarm.")
             _serve_until_stopped(swarm)
     print("swarm stopped")
 
@@ -61,6 +60,7 @@ def _serve_until_stopped(swarm) -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    print("\nCtrl-C stops the swarm.", flush=True)
     while not stop.wait(1.0):
         for peer in list(swarm.peers):
             if peer.process.poll() is not None:
