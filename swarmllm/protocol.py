@@ -10,6 +10,10 @@ Inference stream, client → peer:
   2. ``{"position": p, "step": k}`` + ``[hidden, *extra]`` for each chunk of new tokens, answered by
      ``{"position": p, "step": k, "signature": ...}`` + ``[output]``;
   3. an empty message (or closing the stream) ends the session.
+``*extra`` is empty, or, in a message to a first hop serving the vision adapter, the image input
+``[features [images, tokens, feature_dim], positions [images, tokens] int64]``: the features the
+adapter projects and the absolute token positions (batch row 0) they replace
+(``swarmllm.blocks.vision``). The signed input digest covers ``[hidden, *extra]``.
 Any reply may instead be ``{"error": text, "code": code}``.
 """
 
@@ -37,6 +41,7 @@ class ErrorCode:
     BUSY = "busy"  # no room for the session: route elsewhere, the peer is healthy
     INVALID = "invalid"  # the request is malformed or violates a limit
     UNAVAILABLE = "unavailable"  # the peer is not serving (joining, leaving, wrong model)
+    FORBIDDEN = "forbidden"  # a private peer that does not serve this client
     INTERNAL = "internal"
 
 

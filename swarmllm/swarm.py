@@ -81,10 +81,8 @@ class LocalSwarm:
         peer_args: Sequence[str] = (),
         source: ModelSource | None = None,
     ):
-        if num_peers < 1 or replicas < 1 or num_peers % replicas:
-            raise ValueError(
-                f"--peers ({num_peers}) must be a positive multiple of --replicas ({replicas})"
-            )
+        if num_peers < 0 or replicas < 1 or num_peers % replicas:
+            raise ValueError(f"--peers ({num_peers}) must be a multiple of --replicas ({replicas})")
         self.num_peers, self.replicas, self.peer_args = num_peers, replicas, list(peer_args)
         self.model = model
         self.source = source
@@ -101,17 +99,27 @@ class LocalSwarm:
     def start(self) -> LocalSwarm:
         if self.source is None:
             self.source = resolve_model(self.model)  # convert once, before any peer starts
-        spans = even_spans(self.source.config.num_hidden_layers, self.num_peers // self.replicas)
         self._start_bootstrap()
+        if not self.num_peers:
+            return self  # only the bootstrap node: the caller adds peers with start_peer
+        spans = even_spans(self.source.config.num_hidden_layers, self.num_peers // self.replicas)
         for replica in range(self.replicas):
             for index, (start, end) in enumerate(spans):
                 self.start_peer(f"peer{index}-{replica}", blocks=(start, end))
         return self
 
     def start_peer(
-        self, name: str, blocks: tuple[int, int] | None = None, extra_args: Sequence[str] = ()
+        self,
+        name: str,
+        blocks: tuple[int, int] | None = None,
+        extra_args: Sequence[str] = (),
+        launcher: Sequence[str] | None = None,
     ) -> PeerProcess:
-        """Start one more peer process (``blocks`` None: it chooses its own span)."""
+        """Start one more peer process (``blocks`` None: it chooses its own span).
+
+        ``launcher`` replaces ``python -m swarmllm.cli`` as the command the ``peer`` arguments
+        are given to (tests use it to start misbehaving peers).
+        """
         identity = self.workdir / f"{name}.key"
         peer_id = peer_id_of(create_identity(identity))
         args = ["peer", "--initial-peers", *self.initial_peers, "--identity", str(identity)]
@@ -119,7 +127,8 @@ class LocalSwarm:
         args += ["--model", str(self.source.path)] if self.source else []
         if blocks is not None:
             args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
-        peer = self._spawn(name, peer_id, blocks, [*args, *self.peer_args, *extra_args])
+        args += [*self.peer_args, *extra_args]
+        peer = self._spawn(name, peer_id, blocks, args, launcher)
         self.peers.append(peer)
         return peer
 
@@ -211,12 +220,18 @@ class LocalSwarm:
         raise SwarmStartError(f"the bootstrap node did not listen on port {port} in {timeout} s")
 
     def _spawn(
-        self, name: str, peer_id: str, blocks: tuple[int, int] | None, args: list[str]
+        self,
+        name: str,
+        peer_id: str,
+        blocks: tuple[int, int] | None,
+        args: list[str],
+        launcher: Sequence[str] | None = None,
     ) -> PeerProcess:
         log_path = self.workdir / f"{name}.log"
+        command = [*(launcher or [sys.executable, "-m", "swarmllm.cli"]), *args]
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "swarmllm.cli", *args],
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -2,11 +2,13 @@
 
 Every supported family stores its blocks as ``model.layers.{i}.*``, its embeddings as
 ``model.embed_tokens``, its final norm as ``model.norm`` and its head as ``lm_head``; only the
-classes differ, so one generic code path (span.py, head.py) drives them all.
+classes differ, so one generic code path (span.py, head.py) drives them all. Vision-language
+checkpoints (LLaVA) wrap such a language model under another prefix (``weight_names``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from torch import nn
@@ -47,10 +49,46 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
-LAYER_PREFIX = "model.layers.{}."
-EMBEDDINGS = "model.embed_tokens.weight"
-FINAL_NORM = "model.norm.weight"
-LM_HEAD = "lm_head.weight"
+# Vision-language wrappers whose language model is one of FAMILIES (its ``text_config``).
+MULTIMODAL_TYPES = ("llava",)
+
+
+@dataclass(frozen=True)
+class WeightNames:
+    """Where a checkpoint keeps the language model's tensors."""
+
+    layer_prefix: str  # with ``{}`` for the block index
+    embeddings: str
+    final_norm: str
+    lm_head: str
+
+
+TEXT_WEIGHTS = WeightNames(
+    "model.layers.{}.", "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+)
+# LLaVA as transformers 5 writes it (and 4.x did), then as some newer checkpoints name it.
+_WRAPPED_WEIGHTS = (
+    WeightNames(
+        "language_model.model.layers.{}.",
+        "language_model.model.embed_tokens.weight",
+        "language_model.model.norm.weight",
+        "language_model.lm_head.weight",
+    ),
+    WeightNames(
+        "model.language_model.layers.{}.",
+        "model.language_model.embed_tokens.weight",
+        "model.language_model.norm.weight",
+        "lm_head.weight",
+    ),
+)
+
+
+def weight_names(weight_files: Collection[str]) -> WeightNames:
+    """The naming of the language model's tensors in a checkpoint, told by its embeddings."""
+    for names in _WRAPPED_WEIGHTS:
+        if names.embeddings in weight_files:
+            return names
+    return TEXT_WEIGHTS
 
 
 def family_of(config: PretrainedConfig) -> Family:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarmllm.blocks.families import EMBEDDINGS, FINAL_NORM, LM_HEAD, family_of
+from swarmllm.blocks.families import family_of, weight_names
 from swarmllm.blocks.weights import read_tensors
 
 
@@ -35,15 +35,18 @@ class ModelHead(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> ModelHead:
         family = family_of(config)  # fail on unsupported models before reading any weights
-        tied = getattr(config, "tie_word_embeddings", False) or LM_HEAD not in weight_files
-        names = [EMBEDDINGS, FINAL_NORM] + ([] if tied else [LM_HEAD])
+        stored = weight_names(weight_files)
+        tied = getattr(config, "tie_word_embeddings", False) or stored.lm_head not in weight_files
+        names = [stored.embeddings, stored.final_norm] + ([] if tied else [stored.lm_head])
         tensors = read_tensors(weight_files, names, dtype)
-        embeddings = nn.Embedding.from_pretrained(tensors[EMBEDDINGS], freeze=True)
+        embeddings = nn.Embedding.from_pretrained(tensors[stored.embeddings], freeze=True)
         norm = family.norm(config.hidden_size, eps=config.rms_norm_eps)
-        norm.weight.data = tensors[FINAL_NORM]
+        norm.weight.data = tensors[stored.final_norm]
         lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         lm_head.weight = (
-            embeddings.weight if tied else nn.Parameter(tensors[LM_HEAD], requires_grad=False)
+            embeddings.weight
+            if tied
+            else nn.Parameter(tensors[stored.lm_head], requires_grad=False)
         )
         return cls(config, embeddings, norm, lm_head).eval()
 

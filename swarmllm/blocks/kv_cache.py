@@ -7,7 +7,7 @@ doubling instead of a ``torch.cat`` per step), and rewinding is just moving ``le
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -58,3 +58,38 @@ class KVCache:
         if buffer is not None and self.length:
             grown[:, :, : self.length] = buffer[:, :, : self.length]
         return grown
+
+
+class StackedCache:
+    """Several sessions' caches seen as one batch, for a single-token step of all of them.
+
+    Rows ``[r, r + rows[i])`` of the batch belong to ``caches[i]``. ``update`` writes each
+    session's new key/value into its own cache and returns every session's keys/values
+    right-padded with zeros to the longest one (a mask must hide the padding: see
+    ``masks.decode_mask``). Call ``advance`` once after the forward pass.
+    """
+
+    def __init__(self, caches: Sequence[KVCache], rows: Sequence[int]):
+        if len({id(cache) for cache in caches}) != len(caches):
+            raise ValueError("a session's cache appears twice in one batch")
+        self.caches, self.rows = list(caches), list(rows)
+        self.total = max(cache.length for cache in caches) + 1
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, heads, _, dim = key.shape
+        keys = key.new_zeros(batch, heads, self.total, dim)
+        values = value.new_zeros(batch, heads, self.total, dim)
+        row = 0
+        for cache, rows in zip(self.caches, self.rows, strict=True):
+            end = row + rows
+            own_keys, own_values = cache.update(key[row:end], value[row:end], layer_idx)
+            keys[row:end, :, : own_keys.shape[-2]] = own_keys
+            values[row:end, :, : own_values.shape[-2]] = own_values
+            row = end
+        return keys, values
+
+    def advance(self) -> None:
+        for cache in self.caches:
+            cache.advance(1)

@@ -45,3 +45,25 @@ def attention_mask(
         is_self = key[None] == query[None]  # a padding query must see something, or SDPA gives NaN
         allowed = (allowed & not_padding) | is_self
     return allowed[:, None]
+
+
+def decode_positions(past_lengths: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
+    """Rotary positions [rows, 1] of one new token per row after ``past_lengths`` [rows] tokens."""
+    return (past_lengths - pad_lengths).clamp(min=0)[:, None]
+
+
+def decode_mask(
+    past_lengths: torch.Tensor, pad_lengths: torch.Tensor, window: int | None = None
+) -> torch.Tensor:
+    """Boolean mask [rows, 1, 1, max(past)+1] for one new token per row, where row ``r`` has
+    ``past_lengths[r]`` cached tokens and its keys are right-padded to the longest row.
+
+    Row ``r`` attends to its own keys ``0..past[r]`` (the new token is key ``past[r]``), never
+    to its left padding nor to the right padding that lines the rows up.
+    """
+    key = torch.arange(int(past_lengths.max()) + 1)[None, :]
+    past = past_lengths[:, None]
+    allowed = (key <= past) & ((key >= pad_lengths[:, None]) | (key == past))
+    if window is not None:
+        allowed = allowed & (past - key < window)
+    return allowed[:, None, None, :]

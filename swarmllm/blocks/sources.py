@@ -24,11 +24,11 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from swarmllm.blocks import embedded
-from swarmllm.blocks.families import FAMILIES
+from swarmllm.blocks.families import FAMILIES, MULTIMODAL_TYPES
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
+SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES)) + MULTIMODAL_TYPES
 EMBEDDED_ALIASES = ("embedded", "smollm2-135m")
 # "model*.safetensors", the files transformers loads: some repos add a second copy of the
 # weights in another layout (Mistral's consolidated.safetensors).
@@ -49,12 +49,17 @@ class ModelSourceError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A verified local Hugging Face directory of a supported family."""
+    """A verified local Hugging Face directory of a supported family.
+
+    ``config`` is the language model's config, the one spans and heads run with; for a
+    vision-language checkpoint (LLaVA) ``multimodal_config`` is the whole checkpoint's config.
+    """
 
     model_id: str  # f"{name}-{hash of weights + config}": DHT-key safe, equal on every peer
     name: str
     path: Path
     config: PretrainedConfig
+    multimodal_config: PretrainedConfig | None = None
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         try:
@@ -208,6 +213,8 @@ def _resolve_directory(path: Path, hashes: FileHashes, name: str | None = None) 
     config = _load_config(path)
     digests = directory_digests(path, hashes)
     name = name or _converted_name(path) or _hub_name_of_snapshot(path) or path.name
+    if config.model_type in MULTIMODAL_TYPES:
+        return ModelSource(model_id_of(name, digests), name, path, config.text_config, config)
     return ModelSource(model_id_of(name, digests), name, path, config)
 
 
@@ -224,9 +231,15 @@ def _load_config(directory: Path) -> PretrainedConfig:
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     try:
-        return AutoConfig.from_pretrained(directory)
+        config = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"cannot read the config in {directory}: {exc}") from exc
+    if model_type in MULTIMODAL_TYPES and config.text_config.model_type not in FAMILIES:
+        raise ModelSourceError(
+            f"the language model of {directory} ({config.text_config.model_type!r}) is not "
+            f"supported; supported families: {', '.join(sorted(FAMILIES))}"
+        )
+    return config
 
 
 def _converted_name(path: Path) -> str | None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarmllm.blocks.families import LAYER_PREFIX, family_of, sliding_window_of
-from swarmllm.blocks.kv_cache import KVCache
-from swarmllm.blocks.masks import attention_mask, position_ids
+from swarmllm.blocks.families import family_of, sliding_window_of, weight_names
+from swarmllm.blocks.kv_cache import KVCache, StackedCache
+from swarmllm.blocks.masks import (
+    attention_mask,
+    decode_mask,
+    decode_positions,
+    position_ids,
+)
 from swarmllm.blocks.weights import read_tensors
 
 
@@ -45,9 +50,10 @@ class BlockSpan(nn.Module):
             )
         config = _with_sdpa(config)
         layer_cls = family_of(config).decoder_layer
+        layer_prefix = weight_names(weight_files).layer_prefix
         layers = nn.ModuleList()
         for index in range(start, end):
-            prefix = LAYER_PREFIX.format(index)
+            prefix = layer_prefix.format(index)
             names = [name for name in weight_files if name.startswith(prefix)]
             state = {
                 name[len(prefix) :]: tensor
@@ -77,11 +83,51 @@ class BlockSpan(nn.Module):
         batch, num_new, _ = hidden.shape
         past = cache.length if cache is not None else 0
         positions = position_ids(batch, past, num_new, pad_lengths)
-        rotary = self.rotary(hidden, positions)
         masks = {
             window: attention_mask(batch, past, num_new, pad_lengths, window)
             for window in set(self.windows)
         }
+        hidden = self._run_layers(hidden, positions, masks, cache)
+        if cache is not None:
+            cache.advance(num_new)
+        return hidden
+
+    @torch.inference_mode()
+    def decode_batch(
+        self,
+        hiddens: Sequence[torch.Tensor],
+        caches: Sequence[KVCache],
+        pad_lengths: Sequence[torch.Tensor | None],
+    ) -> list[torch.Tensor]:
+        """One new token for each of several sessions in a single pass: ``hiddens[i]``
+        [rows_i, 1, hidden] follows the tokens in ``caches[i]`` (each advances by one).
+
+        Equals calling ``forward`` on each session alone, up to float rounding.
+        """
+        rows = [hidden.shape[0] for hidden in hiddens]
+        past = torch.tensor(
+            [cache.length for cache, n in zip(caches, rows, strict=True) for _ in range(n)]
+        )
+        pads = torch.cat(
+            [
+                torch.zeros(n, dtype=torch.long) if pad is None else pad
+                for pad, n in zip(pad_lengths, rows, strict=True)
+            ]
+        )
+        masks = {window: decode_mask(past, pads, window) for window in set(self.windows)}
+        stacked = StackedCache(caches, rows)
+        hidden = self._run_layers(torch.cat(hiddens), decode_positions(past, pads), masks, stacked)
+        stacked.advance()
+        return list(hidden.split(rows))
+
+    def _run_layers(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        masks: dict[int | None, torch.Tensor | None],
+        cache: KVCache | StackedCache | None,
+    ) -> torch.Tensor:
+        rotary = self.rotary(hidden, positions)
         for layer, window in zip(self.layers, self.windows, strict=True):
             hidden = layer(
                 hidden,
@@ -90,8 +136,6 @@ class BlockSpan(nn.Module):
                 position_embeddings=rotary,
                 cache=cache,
             )
-        if cache is not None:
-            cache.advance(num_new)
         return hidden
 
 

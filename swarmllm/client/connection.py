@@ -21,7 +21,7 @@ from swarmllm.dht.coverage import get_coverage
 from swarmllm.dht.records import CoverageMap
 from swarmllm.peer.servicer import PeerServicer
 from swarmllm.protocol import SERVICER_NAMESPACE, decode_meta, encode_request, raise_if_error
-from swarmllm.security.identity import load_or_create_identity
+from swarmllm.security.identity import load_or_create_identity, peer_id_of
 from swarmllm.security.record_validator import PeerIdSignatureValidator
 
 T = TypeVar("T")
@@ -34,12 +34,24 @@ class SwarmUnreachableError(ConnectionError):
 
 
 class SwarmConnection:
-    def __init__(self, initial_peers: Sequence[str], *, start_timeout: float = 30.0):
+    def __init__(
+        self,
+        initial_peers: Sequence[str],
+        *,
+        identity: str | Path | None = None,
+        start_timeout: float = 30.0,
+    ):
+        """``identity``: a key file (created if missing) to connect as; default: a fresh key."""
         if not initial_peers:
             raise ValueError("no initial peers given: pass the multiaddr a peer printed at start")
         self._scratch = tempfile.TemporaryDirectory(prefix="swarmllm-client-")
-        identity_path = Path(self._scratch.name) / "identity.key"
-        key = load_or_create_identity(identity_path)
+        identity_path = Path(identity or Path(self._scratch.name) / "identity.key")
+        try:
+            key = load_or_create_identity(identity_path)
+        except BaseException:
+            self._scratch.cleanup()
+            raise
+        self.peer_id = peer_id_of(key)
         self.dht = hivemind.DHT(
             initial_peers=list(initial_peers),
             client_mode=True,

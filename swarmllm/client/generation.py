@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from swarmllm.blocks.head import ModelHead
+from swarmllm.blocks.vision import ImageInputs
+from swarmllm.client.profile import measure, phase_of
 from swarmllm.client.sampling import SamplingParams, TokenSampler
 
 if TYPE_CHECKING:
@@ -69,23 +71,35 @@ def generate_tokens(
     settings: GenerationConfig,
     decode: Callable[[torch.Tensor], list[str]],
     streamer: Any = None,
+    images: ImageInputs | None = None,
 ) -> torch.Tensor:
     """Prompt + generated tokens [batch, n]. Continues ``session`` if it already holds tokens:
-    tokens it generated but never fed (the last one of a previous call) are fed first."""
+    tokens it generated but never fed (the last one of a previous call) are fed first.
+    ``images`` (positions relative to ``input_ids``) go with the prompt."""
     batch = input_ids.shape[0]
     history = input_ids
     if session.token_ids is not None:
         history = torch.cat([session.token_ids, input_ids], dim=1)
     to_feed = history[:, session.position :]
+    if images is not None:
+        images = images.shifted(history.shape[1] - input_ids.shape[1])
     sampler = TokenSampler(settings.sampling)
     eos = torch.tensor(sorted(settings.eos_token_ids), dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool)
     generated: list[torch.Tensor] = []
     if streamer is not None:
         streamer.put(input_ids)
+    profile = session.profile
     for _ in range(settings.max_new_tokens):
-        hidden = session.step(head.embed(to_feed))
-        tokens = sampler(history, head.logits(hidden[:, -1]))
+        phase = phase_of(to_feed.shape[1])
+        with measure(profile, phase, "embed"):
+            embedded = head.embed(to_feed)
+        hidden = session.step(embedded, images=images)
+        images = None  # the cache holds the image tokens now
+        with measure(profile, phase, "head"):
+            logits = head.logits(hidden[:, -1])
+        with measure(profile, phase, "sampling"):
+            tokens = sampler(history, logits)
         tokens = torch.where(finished, settings.pad_token_id, tokens)
         generated.append(tokens)
         history = torch.cat([history, tokens[:, None]], dim=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,9 @@ from typing import Any
 import torch
 from hivemind.proto import runtime_pb2
 
+from swarmllm.blocks.vision import ImageInputs
 from swarmllm.client.connection import SwarmConnection
+from swarmllm.client.profile import HopTiming
 from swarmllm.client.routing import Hop
 from swarmllm.protocol import ErrorCode, decode_meta, decode_tensors, encode_request
 from swarmllm.security.signing import (
@@ -60,6 +63,8 @@ class HopStream:
         self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         self._step = 0
+        self.last_timing: HopTiming | None = None  # of the latest step, for profiles
+        self.last_signature: object = None  # as the latest reply carried it (evidence)
 
     async def open(self) -> None:
         opening = {
@@ -84,12 +89,15 @@ class HopStream:
         if not meta.get("opened"):
             raise HopFailure(self.hop, f"unexpected reply to opening the session: {meta}")
 
-    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        """Send new hidden states starting at ``position``; return the verified output."""
+    async def step(
+        self, hidden: torch.Tensor, position: int, images: ImageInputs | None = None
+    ) -> torch.Tensor:
+        """Send new hidden states starting at ``position`` (with image features for the
+        adapter of a first hop); return the verified output."""
         self._step += 1
-        self._outbox.put_nowait(
-            encode_request({"position": position, "step": self._step}, [hidden])
-        )
+        sent = time.perf_counter()
+        tensors = [hidden, *(images.tensors() if images is not None else ())]
+        self._outbox.put_nowait(encode_request({"position": position, "step": self._step}, tensors))
         meta, tensors = await self._receive(self.spec.timeout_for(hidden.shape[1]))
         if meta.get("position") != position or meta.get("step") != self._step or len(tensors) != 1:
             raise HopFailure(self.hop, f"reply does not match step {self._step}: {meta}")
@@ -101,24 +109,48 @@ class HopStream:
                 f"expected {list(hidden.shape)} {hidden.dtype}",
             )
         if self.spec.verify_signatures:
-            self._verify(meta, position, hidden, output)
+            self._verify(meta, position, hidden, output, images)
+        self.last_timing = HopTiming.from_reply(time.perf_counter() - sent, meta)
+        self.last_signature = meta.get("signature")
         return output
 
+    @property
+    def steps_sent(self) -> int:
+        """The step number of the latest message (steps count from 1)."""
+        return self._step
+
     def _verify(
-        self, meta: dict[str, Any], position: int, hidden: torch.Tensor, output: torch.Tensor
+        self,
+        meta: dict[str, Any],
+        position: int,
+        hidden: torch.Tensor,
+        output: torch.Tensor,
+        images: ImageInputs | None,
     ) -> None:
-        signed = ActivationDigest(
+        signed = self.digest(position, self._step, hidden, output, images)
+        verify_reply(self.hop, signed, meta.get("signature"))
+
+    def digest(
+        self,
+        position: int,
+        step: int,
+        hidden: torch.Tensor,
+        output: torch.Tensor,
+        images: ImageInputs | None = None,
+    ) -> ActivationDigest:
+        """What the peer must have signed for ``output`` of step ``step``: the input digest
+        covers every tensor sent, image features and positions included."""
+        return ActivationDigest(
             protocol_version=PROTOCOL_VERSION,
             model_id=self.spec.model_id,
             session_id=self.spec.session_id,
             position=position,
-            step=self._step,
+            step=step,
             start=self.hop.start,
             end=self.hop.end,
-            input_digest=tensor_digest(hidden),
+            input_digest=tensor_digest(hidden, *(images.tensors() if images is not None else ())),
             output_digest=tensor_digest(output),
         )
-        verify_reply(self.hop, signed, meta.get("signature"))
 
     async def _receive(self, timeout: float) -> tuple[dict[str, Any], list[torch.Tensor]]:
         assert self._replies is not None
@@ -177,6 +209,17 @@ def verify_reply(hop: Hop, signed: ActivationDigest, signature: object) -> None:
         raise HopFailure(hop, f"invalid signature: {e}") from e
 
 
+@dataclass(frozen=True)
+class SignedReply:
+    """A peer's output with the digest it signed and its signature: evidence a third party
+    can check with the peer id alone."""
+
+    peer_id: str
+    digest: ActivationDigest
+    signature: bytes | None  # None only when the reply carried none and nobody checked
+    output: torch.Tensor
+
+
 async def remote_forward(
     connection: SwarmConnection,
     hop: Hop,
@@ -187,11 +230,29 @@ async def remote_forward(
     verify_signatures: bool = True,
 ) -> torch.Tensor:
     """Stateless run of whole sequences through ``hop`` (the ``forward`` RPC), verified."""
+    reply = await signed_forward(
+        connection, hop, model_id, hidden, timeout=timeout, verify_signatures=verify_signatures
+    )
+    return reply.output
+
+
+async def signed_forward(
+    connection: SwarmConnection,
+    hop: Hop,
+    model_id: str,
+    hidden: torch.Tensor,
+    *,
+    pad_lengths: tuple[int, ...] | None = None,
+    timeout: float = 30.0,
+    verify_signatures: bool = True,
+) -> SignedReply:
+    """``remote_forward`` returning the signed reply (``pad_lengths``: left padding per row)."""
     meta = {
         "model_id": model_id,
         "start": hop.start,
         "end": hop.end,
         "wire_dtype": str(hidden.dtype).removeprefix("torch."),
+        "pad_lengths": list(pad_lengths) if pad_lengths else None,
     }
     try:
         stub = connection.stub(hop.peer_id)
@@ -203,20 +264,22 @@ async def remote_forward(
     reply_meta, tensors = await read_reply(replies, hop, timeout)
     if len(tensors) != 1 or tensors[0].shape != hidden.shape:
         raise HopFailure(hop, f"forward reply has the wrong shape: {reply_meta}")
+    signed = ActivationDigest(
+        PROTOCOL_VERSION,
+        model_id,
+        "",
+        0,
+        0,
+        hop.start,
+        hop.end,
+        tensor_digest(hidden),
+        tensor_digest(tensors[0]),
+    )
+    signature = reply_meta.get("signature")
     if verify_signatures:
-        signed = ActivationDigest(
-            PROTOCOL_VERSION,
-            model_id,
-            "",
-            0,
-            0,
-            hop.start,
-            hop.end,
-            tensor_digest(hidden),
-            tensor_digest(tensors[0]),
-        )
-        verify_reply(hop, signed, reply_meta.get("signature"))
-    return tensors[0]
+        verify_reply(hop, signed, signature)
+    signature = signature if isinstance(signature, bytes) else None
+    return SignedReply(hop.peer_id, signed, signature, tensors[0])
 
 
 async def _single(request: runtime_pb2.ExpertRequest) -> AsyncIterator[runtime_pb2.ExpertRequest]:

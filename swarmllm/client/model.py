@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,12 +13,22 @@ import transformers
 
 from swarmllm.blocks.head import ModelHead
 from swarmllm.blocks.sources import ModelSource, resolve_model
+from swarmllm.blocks.vision import (
+    ImageEncoder,
+    ImageError,
+    ImageInputs,
+    ImageLike,
+    load_image_encoder,
+)
 from swarmllm.client.bans import BanList
+from swarmllm.client.concurrent import generate_concurrently
 from swarmllm.client.connection import SwarmConnection
 from swarmllm.client.generation import GenerationConfig, generate_tokens
 from swarmllm.client.hop import SessionSpec
+from swarmllm.client.profile import Profile, measure, phase_of
 from swarmllm.client.routing import Hop
 from swarmllm.client.session import InferenceSession, Router
+from swarmllm.client.verification import SpotChecker, VerificationEvidence
 from swarmllm.protocol import WIRE_DTYPES
 
 DEFAULT_MAX_LENGTH = 2048
@@ -42,10 +53,28 @@ class ClientSession:
     def route(self) -> list[Hop]:
         return self._session.route
 
-    def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
-        """Send hidden states (compute dtype) through the chain; returns the last hop's output."""
-        wire = hidden.to(WIRE_DTYPES[self._session.spec.wire_dtype])
-        output = self.model.connection.run(self._session.step(wire, position))
+    @property
+    def profile(self) -> Profile | None:
+        return self.model.profile
+
+    @property
+    def evidence(self) -> list[VerificationEvidence]:
+        """Spot-checks of this session that caught disagreeing signed outputs."""
+        return self._session.evidence
+
+    def step(
+        self,
+        hidden: torch.Tensor,
+        position: int | None = None,
+        images: ImageInputs | None = None,
+    ) -> torch.Tensor:
+        """Send hidden states (compute dtype) through the chain; returns the last hop's output.
+        ``images`` (absolute positions) go to the first hop's adapter."""
+        with measure(self.profile, phase_of(hidden.shape[1]), "swarm"):
+            dtype = WIRE_DTYPES[self._session.spec.wire_dtype]
+            wire_images = images.to(dtype) if images is not None else None
+            step = self._session.step(hidden.to(dtype), position, wire_images)
+            output = self.model.connection.run(step)
         return output.to(hidden.dtype)
 
     def close(self) -> None:
@@ -69,14 +98,22 @@ class DistributedModelForCausalLM:
         allowed_peers: Collection[str] | None = None,
         step_timeout: float = 10.0,
         verify_signatures: bool = True,
+        verify_fraction: float = 0.0,
+        profile: bool = False,
     ):
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+        if not 0.0 <= verify_fraction <= 1.0:
+            raise ValueError(f"verify_fraction must be within [0, 1], got {verify_fraction}")
         self.source, self.head, self.connection = source, head, connection
         self.config = source.config
         self.generation_defaults = _generation_defaults(source)
         self.wire_dtype, self.step_timeout = wire_dtype, step_timeout
         self.verify_signatures = verify_signatures
+        # the probability that each hop of each step is re-run on another peer and compared
+        self.verify_fraction = verify_fraction
+        # where the time goes, over every session of this model (see ``Profile.format``)
+        self.profile: Profile | None = Profile() if profile else None
         self.bans = BanList()
         self.router = Router(
             connection, source.model_id, source.config.num_hidden_layers, self.bans, allowed_peers
@@ -89,11 +126,14 @@ class DistributedModelForCausalLM:
         *,
         initial_peers: Sequence[str],
         dtype: torch.dtype = torch.float32,
+        identity: str | Path | None = None,
         **kwargs: Any,
     ) -> DistributedModelForCausalLM:
+        """``identity``: this client's key file (created if missing), for private swarms whose
+        peers list this client's peer id; default: a fresh key per connection."""
         source = resolve_model(model_ref)
         head = ModelHead.from_weights(source.config, source.weight_files(), dtype)
-        connection = SwarmConnection(initial_peers)
+        connection = SwarmConnection(initial_peers, identity=identity)
         try:
             return cls(source, head, connection, **kwargs)
         except BaseException:
@@ -120,8 +160,29 @@ class DistributedModelForCausalLM:
         self.connection.run(self.router.route(0, self.config.num_hidden_layers, min_cache_tokens=0))
 
     def inference_session(
-        self, max_length: int = DEFAULT_MAX_LENGTH, batch: int = 1, pad_lengths=None
+        self,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        batch: int = 1,
+        pad_lengths=None,
+        *,
+        images: bool = False,
     ) -> ClientSession:
+        """An open session; with ``images`` its first hop serves this model's vision adapter."""
+        adapter = self.image_encoder.adapter_name if images else None
+        session = self.new_session(max_length, batch, pad_lengths, adapter=adapter)
+        self.connection.run(session.open())
+        return ClientSession(self, session)
+
+    def new_session(
+        self,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        batch: int = 1,
+        pad_lengths=None,
+        *,
+        adapter: str | None = None,
+    ) -> InferenceSession:
+        """An unopened session for the async API (``await session.open()`` on
+        ``connection.loop``), to drive several sessions from one event loop."""
         spec = SessionSpec(
             model_id=self.model_id,
             session_id=uuid.uuid4().hex,
@@ -134,15 +195,37 @@ class DistributedModelForCausalLM:
             step_timeout=self.step_timeout,
             verify_signatures=self.verify_signatures,
         )
-        session = InferenceSession(self.router, spec)
-        self.connection.run(session.open())
-        return ClientSession(self, session)
+        verifier = SpotChecker(self.router, self.verify_fraction) if self.verify_fraction else None
+        return InferenceSession(
+            self.router, spec, profile=self.profile, verifier=verifier, adapter=adapter
+        )
+
+    @functools.cached_property
+    def image_encoder(self) -> ImageEncoder:
+        """The client's image encoder (loaded on first use); ImageError for a text-only model."""
+        encoder = load_image_encoder(self.source)
+        if encoder is None:
+            raise ImageError(
+                f"model {self.source.name} has no vision adapter: images need a LLaVA "
+                "checkpoint or the embedded model with its shipped vision adapter"
+            )
+        return encoder
+
+    def image_prompt(self, question: str, num_images: int = 1, chat: bool = True) -> torch.Tensor:
+        """Token ids [1, n] asking ``question`` about images, with their placeholder tokens."""
+        return self.image_encoder.prompt_ids(self.tokenizer, question, num_images, chat)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, tokens, vocab] for whole sequences (one prefill through the swarm)."""
-        with self.inference_session(max_length=input_ids.shape[1], batch=input_ids.shape[0]) as s:
-            return self.head.logits(s.step(self.head.embed(input_ids)))
+    def forward(
+        self, input_ids: torch.Tensor, images: Sequence[ImageLike] | None = None
+    ) -> torch.Tensor:
+        """Logits [batch, tokens, vocab] for whole sequences (one prefill through the swarm);
+        ``images`` fill the prompt's image placeholders."""
+        inputs = self.image_encoder.image_inputs(input_ids, images) if images else None
+        with self.inference_session(
+            input_ids.shape[1], input_ids.shape[0], images=inputs is not None
+        ) as session:
+            return self.head.logits(session.step(self.head.embed(input_ids), images=inputs))
 
     @torch.inference_mode()
     def generate(
@@ -152,9 +235,14 @@ class DistributedModelForCausalLM:
         *,
         session: ClientSession | None = None,
         streamer: Any = None,
+        images: Sequence[ImageLike] | None = None,
         **config: Any,
     ) -> torch.Tensor:
         """Generate like transformers' ``generate``: returns prompt + new tokens [batch, n].
+
+        ``images`` (PIL pictures, or pixel tensors) fill the prompt's image placeholders
+        (``image_prompt`` builds such a prompt); the image encoder runs here and only its
+        features leave the client, for the first hop's adapter.
 
         ``config`` takes max_new_tokens, do_sample, temperature, top_k, top_p,
         repetition_penalty, seed, eos_token_id and stop_strings. With ``session`` the prompt
@@ -163,15 +251,27 @@ class DistributedModelForCausalLM:
         """
         settings = GenerationConfig.build(self.generation_defaults, **config)
         pad_lengths = _left_padding(input_ids, attention_mask)
+        inputs = self.image_encoder.image_inputs(input_ids, images) if images else None
         if session is not None:
             if pad_lengths is not None:
                 raise ValueError("padded prompts cannot continue an existing session")
-            return generate_tokens(self.head, session, input_ids, settings, self._decode, streamer)
-        max_length = input_ids.shape[1] + settings.max_new_tokens
-        with self.inference_session(max_length, input_ids.shape[0], pad_lengths) as own_session:
             return generate_tokens(
-                self.head, own_session, input_ids, settings, self._decode, streamer
+                self.head, session, input_ids, settings, self._decode, streamer, inputs
             )
+        max_length = input_ids.shape[1] + settings.max_new_tokens
+        with self.inference_session(
+            max_length, input_ids.shape[0], pad_lengths, images=inputs is not None
+        ) as own_session:
+            return generate_tokens(
+                self.head, own_session, input_ids, settings, self._decode, streamer, inputs
+            )
+
+    def generate_concurrently(
+        self, prompts: Sequence[torch.Tensor], **config: Any
+    ) -> list[torch.Tensor]:
+        """Generate for several prompts at once, each in its own session, stepped together so
+        that peers batch them and the LM head runs once per step (see ``client.concurrent``)."""
+        return generate_concurrently(self, prompts, **config)
 
     def _decode(self, token_ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Collection
 
 import torch
 
+from swarmllm.blocks.vision import ImageInputs
 from swarmllm.client.bans import BanList
 from swarmllm.client.connection import SwarmConnection
 from swarmllm.client.hop import HopFailure, HopStream, SessionSpec
-from swarmllm.client.routing import Hop, find_route
+from swarmllm.client.profile import Profile, phase_of
+from swarmllm.client.routing import Hop, NoRouteError, find_route
+from swarmllm.client.verification import SpotChecker, VerificationEvidence
+from swarmllm.dht.records import CoverageMap
 
 logger = logging.getLogger("swarmllm.client")
+
+COVERAGE_MAX_AGE = 5.0  # seconds; records themselves are refreshed every ~10 s
 
 
 class SessionFailedError(RuntimeError):
@@ -27,7 +34,12 @@ class SessionFailedError(RuntimeError):
 
 
 class Router:
-    """Finds routes over the live coverage map, avoiding banned and busy peers."""
+    """Finds routes over the live coverage map, avoiding banned and busy peers.
+
+    A coverage map read less than ``COVERAGE_MAX_AGE`` seconds ago serves new routes (sessions
+    opened together share one DHT read, and opening a session skips it); a route that fails
+    on it, and every retry (``fresh``), reads the map again.
+    """
 
     def __init__(
         self,
@@ -39,14 +51,57 @@ class Router:
     ):
         self.connection, self.model_id, self.num_blocks = connection, model_id, num_blocks
         self.bans, self.allowed = bans, allowed
+        self._coverage: tuple[float, CoverageMap] | None = None  # (read at, map)
+        self._reading = asyncio.Lock()
 
     async def route(
-        self, start: int, end: int, *, min_cache_tokens: int, avoid: Collection[str] = ()
+        self,
+        start: int,
+        end: int,
+        *,
+        min_cache_tokens: int,
+        avoid: Collection[str] = (),
+        first_hop_adapter: str | None = None,
+        fresh: bool = False,
     ) -> list[Hop]:
-        loop = asyncio.get_running_loop()
-        coverage = await loop.run_in_executor(
-            None, self.connection.coverage, self.model_id, self.num_blocks
+        coverage, was_cached = await self._read_coverage(fresh)
+        try:
+            return await self._route_over(
+                coverage, start, end, min_cache_tokens, avoid, first_hop_adapter
+            )
+        except NoRouteError:
+            if not was_cached:
+                raise
+        coverage, _ = await self._read_coverage(fresh=True)
+        return await self._route_over(
+            coverage, start, end, min_cache_tokens, avoid, first_hop_adapter
         )
+
+    async def _read_coverage(self, fresh: bool) -> tuple[CoverageMap, bool]:
+        """The coverage map, and whether it is a recent read reused rather than a new one."""
+        async with self._reading:
+            if (
+                not fresh
+                and self._coverage is not None
+                and time.monotonic() - self._coverage[0] < COVERAGE_MAX_AGE
+            ):
+                return self._coverage[1], True
+            loop = asyncio.get_running_loop()
+            coverage = await loop.run_in_executor(
+                None, self.connection.coverage, self.model_id, self.num_blocks
+            )
+            self._coverage = (time.monotonic(), coverage)
+            return coverage, False
+
+    async def _route_over(
+        self,
+        coverage: CoverageMap,
+        start: int,
+        end: int,
+        min_cache_tokens: int,
+        avoid: Collection[str],
+        first_hop_adapter: str | None,
+    ) -> list[Hop]:
         unmeasured = [p for p in coverage.peers() if p not in self.connection.rtt]
         if unmeasured:
             await self.connection.ping_all(unmeasured)
@@ -61,14 +116,29 @@ class Router:
             banned=self.bans.banned() | set(avoid),
             allowed=self.allowed,
             min_cache_tokens=min_cache_tokens,
+            first_hop_adapter=first_hop_adapter,
         )
 
 
 class InferenceSession:
-    def __init__(self, router: Router, spec: SessionSpec, *, max_failovers: int = 8):
+    def __init__(
+        self,
+        router: Router,
+        spec: SessionSpec,
+        *,
+        max_failovers: int = 8,
+        profile: Profile | None = None,
+        verifier: SpotChecker | None = None,
+        adapter: str | None = None,
+    ):
         self.router, self.spec, self.max_failovers = router, spec, max_failovers
+        self.profile = profile
+        self.verifier = verifier  # spot-checks hops; a hop it outvotes fails over like any fault
         self.hops: list[HopStream] = []
         self.history: list[list[torch.Tensor]] = []  # per hop: the inputs sent, in order
+        # image prompts: the adapter the first hop must serve, and the images it was sent
+        self.adapter = adapter
+        self.images: ImageInputs | None = None
         self.position = 0
         self._busy: set[str] = set()
 
@@ -76,13 +146,26 @@ class InferenceSession:
     def route(self) -> list[Hop]:
         return [stream.hop for stream in self.hops]
 
+    @property
+    def evidence(self) -> list[VerificationEvidence]:
+        """Every spot-check of this session that found disagreeing signed outputs."""
+        return self.verifier.evidence if self.verifier is not None else []
+
     async def open(self) -> None:
         self.hops, self.history = await self._connect(0, self.router.num_blocks, history=None)
 
-    async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
+    async def step(
+        self,
+        hidden: torch.Tensor,
+        position: int | None = None,
+        images: ImageInputs | None = None,
+    ) -> torch.Tensor:
         """Run ``hidden`` [batch, tokens, hidden] through every hop, starting at ``position``
-        (default: right after the previous step; an earlier position rewinds)."""
+        (default: right after the previous step; an earlier position rewinds). ``images``
+        (absolute positions, in the wire dtype) go to the first hop's adapter."""
         position = self.position if position is None else position
+        if images is not None and self.adapter is None:
+            raise ValueError("images need a session opened with the adapter of the image encoder")
         if position > self.position:
             raise ValueError(f"position {position} skips past the session's {self.position} tokens")
         if position + hidden.shape[1] > self.spec.max_length:
@@ -94,13 +177,25 @@ class InferenceSession:
             self._rewind(position)
         index = 0
         while index < len(self.hops):
+            first_hop_images = images if index == 0 else None
+            # a stateless re-run can't carry the images: the first hop of an image prompt is
+            # not spot-checked
+            holds_images = index == 0 and (images is not None or self.images is not None)
             try:
-                output = await self.hops[index].step(hidden, position)
+                output = await self.hops[index].step(hidden, position, first_hop_images)
+                if self.verifier is not None and not holds_images:
+                    stream = self.hops[index]
+                    await self.verifier.check(stream, self.history[index], hidden, output, position)
             except HopFailure as failure:
                 self._penalise(failure)
                 await self._fail_over(index)
                 continue  # retry this step on the replacement
+            if self.profile is not None and self.hops[index].last_timing is not None:
+                phase = phase_of(hidden.shape[1])
+                self.profile.add_hop(self.hops[index].hop, phase, self.hops[index].last_timing)
             self.history[index].append(hidden)
+            if first_hop_images is not None:
+                self.images = _merged(self.images, first_hop_images)
             hidden = output
             index += 1
         self.position = position + hidden.shape[1]
@@ -123,22 +218,29 @@ class InferenceSession:
         failed = self.hops[index]
         await failed.close()
         history = torch.cat(self.history[index], dim=1) if self.history[index] else None
-        streams, histories = await self._connect(failed.hop.start, failed.hop.end, history)
+        images = self.images if index == 0 else None
+        streams, histories = await self._connect(failed.hop.start, failed.hop.end, history, images)
         self.hops[index : index + 1] = streams
         self.history[index : index + 1] = histories
 
     async def _connect(
-        self, start: int, end: int, history: torch.Tensor | None
+        self,
+        start: int,
+        end: int,
+        history: torch.Tensor | None,
+        images: ImageInputs | None = None,
     ) -> tuple[list[HopStream], list[list[torch.Tensor]]]:
-        """Open streams over a route for ``[start, end)`` and replay ``history`` through them,
-        retrying on failures within the failover budget. Returns the streams and the inputs
-        each has seen."""
-        for _attempt in range(self.max_failovers):
+        """Open streams over a route for ``[start, end)`` and replay ``history`` (with the
+        first hop's ``images``) through them, retrying on failures within the failover budget.
+        Returns the streams and the inputs each has seen."""
+        for attempt in range(self.max_failovers):
             route = await self.router.route(
                 start,
                 end,
                 min_cache_tokens=self.spec.max_length * self.spec.batch,
                 avoid=self._busy,
+                first_hop_adapter=self.adapter if start == 0 else None,
+                fresh=attempt > 0,
             )
             streams = [HopStream(self.router.connection, hop, self.spec) for hop in route]
             histories: list[list[torch.Tensor]] = [[] for _ in streams]
@@ -149,7 +251,8 @@ class InferenceSession:
                     replay = history
                     for stream, seen in zip(streams, histories, strict=True):
                         seen.append(replay)
-                        replay = await stream.step(replay, 0)
+                        replay = await stream.step(replay, 0, images)
+                        images = None  # only the first of them holds block 0
                 return streams, histories
             except HopFailure as failure:
                 self._penalise(failure)
@@ -159,6 +262,8 @@ class InferenceSession:
         )
 
     def _rewind(self, position: int) -> None:
+        if self.images is not None:  # raises, before any change, inside an image
+            self.images = self.images.before(position)
         for index, chunks in enumerate(self.history):
             if chunks:
                 self.history[index] = [torch.cat(chunks, dim=1)[:, :position]]
@@ -171,3 +276,12 @@ async def _open_all(streams: list[HopStream]) -> None:
     for result in results:
         if isinstance(result, BaseException):
             raise result
+
+
+def _merged(earlier: ImageInputs | None, later: ImageInputs) -> ImageInputs:
+    if earlier is None:
+        return later
+    return ImageInputs(
+        torch.cat([earlier.features, later.features]),
+        torch.cat([earlier.positions, later.positions]),
+    )

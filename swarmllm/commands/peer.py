@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from swarmllm.cli import block_range, multiaddr, positive_int
+from swarmllm.cli import block_range, multiaddr, positive_int, readable_file
+
+# --flag -> RequestLimits field; unset flags keep RequestLimits' defaults
+LIMIT_FLAGS = {
+    "max_tokens_per_message": "tokens in one request (default 4096)",
+    "max_session_length": "tokens a session may hold (default 8192)",
+    "max_message_bytes": "bytes of one request (default 64 MiB)",
+    "max_sessions_per_peer": "sessions one client may hold at once (default 8)",
+}
 
 
 def add_peer_command(commands: argparse._SubParsersAction) -> None:
@@ -29,20 +38,51 @@ def add_peer_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--public-name", default="", help="a name shown in `swarmllm status`")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--session-timeout", type=float, default=300.0, help="idle seconds")
-    parser.add_argument("--num-threads", type=positive_int, help="torch threads for compute")
+    parser.add_argument(
+        "--num-threads", type=positive_int, help="torch threads for prompts (default: all cores)"
+    )
+    parser.add_argument(
+        "--decode-threads", type=positive_int, default=1, help="torch threads for decode steps"
+    )
+    parser.add_argument(
+        "--batch-window",
+        type=float,
+        metavar="MS",
+        help="longest wait of a batch of decode steps for the other active sessions "
+        "(default: as long as the last decode pass, at most 50 ms)",
+    )
     parser.add_argument(
         "--refresh-period", type=float, default=10.0, help="seconds between DHT announcements"
     )
+    parser.add_argument(
+        "--allowed-peers",
+        type=readable_file,
+        metavar="FILE",
+        help="serve only the clients listed (one peer id per line, '#' comments)",
+    )
+    parser.add_argument(
+        "--no-adapter",
+        dest="adapter",
+        action="store_false",
+        help="with block 0, do not serve the model's vision adapter (served by default)",
+    )
+    limits = parser.add_argument_group("request limits")
+    for name, help_text in LIMIT_FLAGS.items():
+        limits.add_argument(f"--{name.replace('_', '-')}", type=positive_int, help=help_text)
     parser.set_defaults(handler=run_peer_command)
 
 
 def run_peer_command(args: argparse.Namespace) -> None:
     from swarmllm.blocks.sources import resolve_model
     from swarmllm.peer.server import PeerSettings, check_blocks, run_peer
+    from swarmllm.security.allowlist import load_allowlist
     from swarmllm.security.identity import load_or_create_identity
+    from swarmllm.security.validation import RequestLimits
 
     if args.identity is not None:
         load_or_create_identity(args.identity)  # fail now on a corrupt or unreadable file
+    allowed = load_allowlist(args.allowed_peers) if args.allowed_peers else None
+    given = {name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None}
     source = resolve_model(args.model)
     check_blocks(args.blocks, source)
     settings = PeerSettings(
@@ -58,6 +98,11 @@ def run_peer_command(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         session_timeout=args.session_timeout,
         num_threads=args.num_threads,
+        decode_threads=args.decode_threads,
+        batch_window=None if args.batch_window is None else args.batch_window / 1e3,
         refresh_period=args.refresh_period,
+        limits=dataclasses.replace(RequestLimits(), **given),
+        allowed_peers=allowed,
+        adapter=args.adapter,
     )
     run_peer(settings, source)

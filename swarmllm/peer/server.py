@@ -17,10 +17,11 @@ import torch
 import swarmllm
 from swarmllm.blocks.sources import ModelSource, cache_root
 from swarmllm.blocks.span import BlockSpan
+from swarmllm.blocks.vision import ADAPTER_BLOCK, load_adapter
 from swarmllm.dht.announce import Announcer
 from swarmllm.dht.coverage import get_coverage
 from swarmllm.dht.records import PeerRecord, PeerState
-from swarmllm.peer.compute import ComputeWorker
+from swarmllm.peer.batching import BatchingWorker
 from swarmllm.peer.selection import choose_span
 from swarmllm.peer.servicer import PeerIdentity, PeerServicer
 from swarmllm.peer.sessions import SessionRegistry
@@ -49,8 +50,12 @@ class PeerSettings:
     dtype: str = "float32"
     session_timeout: float = 300.0
     refresh_period: float = 10.0
-    num_threads: int | None = None
+    num_threads: int | None = None  # torch threads for passes over several tokens
+    decode_threads: int = 1  # torch threads for single-token (decode) passes
+    batch_window: float | None = None  # max seconds a decode batch waits (None: auto)
     limits: RequestLimits = field(default_factory=RequestLimits)
+    allowed_peers: frozenset[str] | None = None  # serve only these clients (a private swarm)
+    adapter: bool = True  # with block 0, also serve the model's vision adapter if it has one
 
 
 def check_blocks(blocks: tuple[int, int] | None, source: ModelSource) -> None:
@@ -88,7 +93,11 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
             start=True,
         )
         announcer: Announcer | None = None
-        worker = ComputeWorker(settings.num_threads)
+        worker = BatchingWorker(
+            settings.num_threads,
+            decode_threads=settings.decode_threads,
+            window=settings.batch_window,
+        )
         try:
             peer_id = peer_id_of(private_key)
             logger.info("peer id %s", peer_id)
@@ -96,6 +105,10 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 print(f"swarmllm peer address: {maddr}", flush=True)
             start, end = await _choose_blocks(settings, dht, source)
             dtype = getattr(torch, settings.dtype)
+            adapter = None
+            if settings.adapter and start == 0:  # images enter with block 0, in the first hop
+                adapter = await worker.run(load_adapter, source)
+            adapters = (adapter.name,) if adapter is not None else ()
             record = PeerRecord(
                 state=PeerState.JOINING,
                 start=start,
@@ -105,11 +118,12 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 version=swarmllm.__version__,
                 dtype=settings.dtype,
                 public_name=settings.public_name,
+                adapters=adapters,
             )
             announcer = Announcer(
                 dht,
                 source.model_id,
-                list(range(start, end)),
+                [*range(start, end), *([ADAPTER_BLOCK] if adapter is not None else [])],
                 record,
                 refresh_period=settings.refresh_period,
                 ttl=3 * settings.refresh_period,
@@ -134,6 +148,7 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 "throughput": throughput,
                 "state": "ONLINE",
                 "public_name": settings.public_name,
+                "adapters": list(adapters),
             }
             servicer = PeerServicer(
                 span,
@@ -142,13 +157,16 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 worker,
                 settings.limits,
                 info,
+                allowed_peers=settings.allowed_peers,
+                adapter=adapter,
             )
             p2p = await dht.replicate_p2p()
             await servicer.add_p2p_handlers(p2p, namespace=SERVICER_NAMESPACE)
             announcer.update(state=PeerState.ONLINE, throughput=throughput)
             print(
                 f"swarmllm peer ONLINE: blocks [{start}, {end}) of {source.model_id} "
-                f"as {peer_id} ({throughput:.1f} steps/s)",
+                f"as {peer_id} ({throughput:.1f} steps/s)"
+                + (f", with the {adapter.name} adapter" if adapter is not None else ""),
                 flush=True,
             )
             await _maintain(stop, registry, announcer, settings)

@@ -16,7 +16,8 @@ from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from swarmllm.blocks.span import BlockSpan
-from swarmllm.peer.compute import ComputeWorker
+from swarmllm.blocks.vision import ADAPTER_BLOCK, ImageInputs, VisionAdapter
+from swarmllm.peer.batching import BatchingWorker, Computed
 from swarmllm.peer.sessions import BusyError, Session, SessionRegistry
 from swarmllm.protocol import (
     ErrorCode,
@@ -35,6 +36,7 @@ from swarmllm.security.validation import (
     InvalidRequest,
     RequestLimits,
     check_hidden_states,
+    check_image_inputs,
     check_int,
     check_message_size,
     check_str,
@@ -57,18 +59,24 @@ class PeerServicer(ServicerBase):
         span: BlockSpan,
         identity: PeerIdentity,
         registry: SessionRegistry,
-        worker: ComputeWorker,
+        worker: BatchingWorker,
         limits: RequestLimits,
         info: dict[str, Any],
+        allowed_peers: frozenset[str] | None = None,
+        adapter: VisionAdapter | None = None,
     ):
         self.span, self.identity, self.registry = span, identity, registry
         self.worker, self.limits, self.info = worker, limits, info
+        self.allowed_peers = allowed_peers  # None: serve everyone (a public swarm)
+        self.adapter = adapter  # the vision adapter block, served only with block 0
         self.compute_dtype = next(span.parameters()).dtype
         self._sub_spans: dict[tuple[int, int], BlockSpan] = {}
 
     async def rpc_info(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
+        if (refusal := self._refuse_unlisted(context)) is not None:
+            return refusal
         return encode_response({**self.info, "cache_tokens_left": self.registry.tokens_left})
 
     async def rpc_forward(
@@ -76,21 +84,28 @@ class PeerServicer(ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Stateless run of a whole sequence through a sub-span (one request, one reply)."""
         async for request in requests:
+            # refused after reading the request, or the client may not see the reply
+            if (refusal := self._refuse_unlisted(context)) is not None:
+                yield refusal
+                return
             try:
+                received = time.perf_counter()
                 meta = self._decode(request)
                 start, end = self._check_span(meta)
                 dtype = wire_dtype(meta.get("wire_dtype"))
-                pad_lengths = self._pad_lengths(meta)
                 hidden, extra = self._hidden_states(request, dtype, batch=None)
+                images = self._images(extra, hidden, start, 0)
+                pad_lengths = self._pad_lengths(meta, hidden.shape[0])
                 span = self._sub_span(start, end)
-                output = await self.worker.run(
-                    span.forward, hidden.to(self.compute_dtype), None, pad_lengths
-                )
+                inputs = await self._compute_input(hidden, images, 0)
+                computed = await self.worker.forward(span, inputs, None, pad_lengths)
                 yield self._signed_reply(
-                    meta, "", 0, 0, start, end, [hidden, *extra], output, dtype
+                    meta, "", 0, 0, start, end, [hidden, *extra], computed, dtype, received
                 )
             except InvalidRequest as e:
                 yield self._refuse(e, context)
+            except Exception as e:  # a bug, not bad input: answer, log once, keep serving
+                yield self._internal_error(e, context)
             return
 
     async def rpc_inference(
@@ -99,6 +114,9 @@ class PeerServicer(ServicerBase):
         session: Session | None = None
         try:
             async for request in requests:
+                if session is None and (refusal := self._refuse_unlisted(context)) is not None:
+                    yield refusal
+                    return
                 if not request.metadata and not request.tensors:
                     return  # the client ends the session
                 try:
@@ -112,6 +130,9 @@ class PeerServicer(ServicerBase):
                     yield self._refuse(e, context)
                 except BusyError as e:
                     yield error_response(str(e), ErrorCode.BUSY)
+                    return
+                except Exception as e:  # the session's cache may be inconsistent: end it
+                    yield self._internal_error(e, context)
                     return
         finally:
             if session is not None:
@@ -134,12 +155,16 @@ class PeerServicer(ServicerBase):
             cache=self._sub_span(start, end).new_cache(),
             pad_lengths=self._pad_lengths(opening, batch),
         )
-        self.registry.open(session)
+        try:
+            self.registry.open(session)
+        except ValueError as e:  # the session id is taken
+            raise InvalidRequest(str(e)) from e
         return session
 
     async def _step(
         self, session: Session, meta: dict[str, Any], request: runtime_pb2.ExpertRequest
     ) -> runtime_pb2.ExpertResponse:
+        received = time.perf_counter()
         if self.registry.get(session.session_id) is not session:
             raise InvalidRequest(f"unknown session {session.session_id!r} (expired or closed)")
         position = check_int(meta, "position", 0, session.max_length - 1)
@@ -156,12 +181,12 @@ class PeerServicer(ServicerBase):
                 f"position {position} + {hidden.shape[1]} tokens exceeds the session's max length "
                 f"{session.max_length}"
             )
+        images = self._images(extra, hidden, session.start, position)
         session.cache.truncate(position)  # a no-op unless the client rewinds
         session.last_step, session.last_used = step, time.monotonic()
         span = self._sub_span(session.start, session.end)
-        output = await self.worker.run(
-            span.forward, hidden.to(self.compute_dtype), session.cache, session.pad_lengths
-        )
+        inputs = await self._compute_input(hidden, images, position)
+        computed = await self.worker.forward(span, inputs, session.cache, session.pad_lengths)
         return self._signed_reply(
             meta,
             session.session_id,
@@ -170,8 +195,9 @@ class PeerServicer(ServicerBase):
             session.start,
             session.end,
             [hidden, *extra],
-            output,
+            computed,
             session.wire_dtype,
+            received,
         )
 
     def _signed_reply(
@@ -183,10 +209,11 @@ class PeerServicer(ServicerBase):
         start: int,
         end: int,
         inputs: list[torch.Tensor],
-        output: torch.Tensor,
+        computed: Computed,
         dtype: torch.dtype,
+        received: float,
     ) -> runtime_pb2.ExpertResponse:
-        output = output.to(dtype)
+        output = computed.output.to(dtype)
         digest = ActivationDigest(
             protocol_version=PROTOCOL_VERSION,
             model_id=self.identity.model_id,
@@ -199,8 +226,14 @@ class PeerServicer(ServicerBase):
             output_digest=tensor_digest(output),
         )
         signature = sign_activation(self.identity.private_key, digest)
+        timing = {  # for the client's profile; not signed
+            "compute_ms": computed.seconds * 1e3,
+            "queue_ms": computed.queued * 1e3,
+            "batch": computed.batch,
+            "peer_ms": (time.perf_counter() - received) * 1e3,  # handling, compute included
+        }
         return encode_response(
-            {"position": position, "step": step, "signature": signature}, [output]
+            {"position": position, "step": step, "signature": signature, **timing}, [output]
         )
 
     def _decode(self, request: runtime_pb2.ExpertRequest) -> dict[str, Any]:
@@ -252,9 +285,45 @@ class PeerServicer(ServicerBase):
             batch=batch,
             limits=self.limits,
         )
-        if extra:
-            raise InvalidRequest(f"{len(extra)} unexpected extra tensors (no adapter is served)")
         return hidden, extra
+
+    def _images(
+        self, extra: list[torch.Tensor], hidden: torch.Tensor, start: int, position: int
+    ) -> ImageInputs | None:
+        """The image input that may follow the hidden states: [features, positions]."""
+        if not extra:
+            return None
+        if self.adapter is None:
+            raise InvalidRequest(
+                f"this peer serves no {ADAPTER_BLOCK!r} adapter, so it cannot take image "
+                "features: send them to a block-0 peer that announces the adapter"
+            )
+        if start != 0:
+            raise InvalidRequest(f"image features enter at block 0, not at block {start}")
+        if len(extra) != 2:
+            raise InvalidRequest(
+                f"image input is two tensors [features, positions], got {len(extra)}"
+            )
+        features, positions = extra
+        check_image_inputs(
+            features,
+            positions,
+            feature_dim=self.adapter.feature_dim,
+            dtype=hidden.dtype,
+            batch=hidden.shape[0],
+            position=position,
+            num_tokens=hidden.shape[1],
+        )
+        return ImageInputs(features, positions)
+
+    async def _compute_input(
+        self, hidden: torch.Tensor, images: ImageInputs | None, position: int
+    ) -> torch.Tensor:
+        """``hidden`` in the compute dtype, with the projected images spliced in."""
+        hidden = hidden.to(self.compute_dtype)
+        if images is None:
+            return hidden
+        return await self.worker.run(self.adapter, hidden, images, position)
 
     def _sub_span(self, start: int, end: int) -> BlockSpan:
         """A view of our layers ``[start, end)`` sharing weights (cached per sub-span)."""
@@ -269,3 +338,20 @@ class PeerServicer(ServicerBase):
     def _refuse(self, error: InvalidRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         logger.warning("refused a request from %s: %s", context.remote_id, error)
         return error_response(str(error), ErrorCode.INVALID)
+
+    def _refuse_unlisted(self, context: P2PContext) -> runtime_pb2.ExpertResponse | None:
+        """An error reply for a client missing from ``--allowed-peers``; None for the others."""
+        remote = context.remote_id.to_base58()
+        if self.allowed_peers is None or remote in self.allowed_peers:
+            return None
+        logger.warning("refused %s: not on the allowed-peers list", remote)
+        return error_response(
+            f"peer {remote} is not on this peer's allowed-peers list (a private swarm)",
+            ErrorCode.FORBIDDEN,
+        )
+
+    def _internal_error(self, error: Exception, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        logger.exception("internal error serving %s", context.remote_id, exc_info=error)
+        return error_response(
+            f"internal error: {error or type(error).__name__}", ErrorCode.INTERNAL
+        )

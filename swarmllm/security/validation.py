@@ -88,3 +88,50 @@ def check_str(meta: dict, key: str, max_length: int = 256) -> str:
             f"field {key!r} must be a non-empty string of at most {max_length} chars"
         )
     return value
+
+
+def check_image_inputs(
+    features: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    feature_dim: int,
+    dtype: torch.dtype,
+    batch: int,
+    position: int,
+    num_tokens: int,
+) -> None:
+    """Image features [images, tokens, feature_dim] and their placeholder positions
+    [images, tokens] for a message of ``num_tokens`` tokens starting at ``position``.
+
+    The count of placeholder positions must match the features one for one, each must fall
+    inside the message, and none may repeat. Their number is bounded by the message's tokens.
+    """
+    if batch != 1:
+        raise InvalidRequest(f"image input needs a batch of one row, the session has {batch}")
+    if features.dtype != dtype:
+        raise InvalidRequest(
+            f"image features have dtype {features.dtype}, the session uses {dtype}"
+        )
+    if features.ndim != 3 or features.shape[0] == 0 or features.shape[1] == 0:
+        raise InvalidRequest(
+            f"image features must have shape [images, tokens, features], got {list(features.shape)}"
+        )
+    if features.shape[2] != feature_dim:
+        raise InvalidRequest(
+            f"image feature size {features.shape[2]} does not match the adapter's {feature_dim}"
+        )
+    if positions.dtype != torch.int64 or tuple(positions.shape) != tuple(features.shape[:2]):
+        raise InvalidRequest(
+            f"image positions must be int64 of shape {list(features.shape[:2])} (one per "
+            f"feature vector), got {positions.dtype} {list(positions.shape)}"
+        )
+    if not torch.isfinite(features).all():
+        raise InvalidRequest("image features contain NaN or Inf values")
+    flat = positions.flatten()
+    if flat.min() < position or flat.max() >= position + num_tokens:
+        raise InvalidRequest(
+            f"image positions must lie in this message's tokens [{position}, "
+            f"{position + num_tokens}), got {flat.min().item()}..{flat.max().item()}"
+        )
+    if flat.unique().numel() != flat.numel():
+        raise InvalidRequest("image positions repeat")

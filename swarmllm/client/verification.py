@@ -1,0 +1,247 @@
+"""Spot-check verification: re-run a hop's input on another peer and compare the outputs.
+
+A signature proves which peer produced an output, not that the output is right: a peer can
+sign wrong values. With ``verify_fraction`` F, each hop of each step is checked with
+probability F: the client sends everything that hop has received so far (a stateless
+``forward``: the other peer holds no cache of the session) to another peer serving the same
+blocks, and compares the outputs for the step's new tokens: every token's output must lie
+within a relative distance (L2, ``TOLERANCES``) of the other peer's.
+
+On a mismatch a third peer breaks the tie. Every peer whose answer agrees with no other answer
+is banned: the odd one out of three, or, when only two peers answered (no third one serves
+those blocks, or it failed), both of them, since the client cannot tell which one lies. When
+the checked hop's peer is among them the check raises ``HopFailure``, and the session fails
+over as for any other fault: the output never reaches the next hop. The signed replies are
+kept as ``VerificationEvidence``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from swarmllm.client.hop import HopFailure, HopStream, SessionSpec, SignedReply, signed_forward
+from swarmllm.client.routing import Hop
+from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState
+from swarmllm.protocol import WIRE_DTYPES
+from swarmllm.security.signing import SignatureError
+
+if TYPE_CHECKING:
+    from swarmllm.client.session import Router
+
+logger = logging.getLogger("swarmllm.client")
+
+# Largest per-token relative L2 distance between two honest answers, by the coarsest dtype
+# involved (the wire dtype and both peers' compute dtypes). A stateless forward over the whole
+# sequence and cached steps round differently: on SmolLM2, 10 blocks, measured up to 4e-6 in
+# float32 and up to 4.4e-2 in bfloat16, so half precision only catches gross tampering.
+TOLERANCES: dict[torch.dtype, float] = {
+    torch.float32: 1e-3,
+    torch.float16: 3e-2,
+    torch.bfloat16: 1e-1,
+}
+COVERAGE_TTL = 10.0  # seconds a coverage map read for finding verifiers is reused
+
+
+@dataclass(frozen=True)
+class VerificationEvidence:
+    """A spot-check that found disagreeing outputs, with every signed reply it compared."""
+
+    session_id: str
+    step: int  # the checked hop's step number
+    position: int
+    start: int
+    end: int
+    # the checked hop's reply first (the step's tokens), then the verifiers' (whole sequence)
+    replies: tuple[SignedReply, ...]
+    banned: tuple[str, ...]
+
+    def describe(self) -> str:
+        lines = [
+            f"spot-check of blocks {self.start}-{self.end - 1}, session {self.session_id}, "
+            f"step {self.step} (position {self.position}): banned {', '.join(self.banned)}"
+        ]
+        for reply in self.replies:
+            signature = reply.signature.hex() if reply.signature else "none"
+            lines.append(
+                f"  {reply.peer_id}: input {reply.digest.input_digest.hex()} "
+                f"output {reply.digest.output_digest.hex()} signature {signature}"
+            )
+        return "\n".join(lines)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest ``|a_t - b_t| / max(|a_t|, |b_t|)`` over tokens ``t`` (L2 over the hidden
+    dimension; symmetric)."""
+    a, b = a.float(), b.float()
+    scale = torch.maximum(a.norm(dim=-1), b.norm(dim=-1)).clamp(min=torch.finfo(torch.float32).tiny)
+    return float(((a - b).norm(dim=-1) / scale).max())
+
+
+def outliers(outputs: Mapping[str, torch.Tensor], tolerance: float) -> set[str]:
+    """The peers whose output agrees with no other peer's output."""
+    return {
+        peer
+        for peer, output in outputs.items()
+        if not any(
+            relative_error(output, other) <= tolerance for p, other in outputs.items() if p != peer
+        )
+    }
+
+
+class SpotChecker:
+    """Checks hops of one inference session; ``check`` runs after each hop's step."""
+
+    def __init__(self, router: Router, fraction: float):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"verify_fraction must be within [0, 1], got {fraction}")
+        self.router, self.fraction = router, fraction
+        # unpredictable: a peer must not know which of its replies get checked, nor by whom
+        self.rng = random.SystemRandom()
+        self.evidence: list[VerificationEvidence] = []
+        self._coverage: CoverageMap | None = None
+        self._coverage_read = -float("inf")
+
+    async def check(
+        self,
+        stream: HopStream,
+        history: Sequence[torch.Tensor],
+        hidden: torch.Tensor,
+        output: torch.Tensor,
+        position: int,
+    ) -> None:
+        """Maybe re-run the hop's inputs so far (``history`` then ``hidden``) elsewhere; raise
+        HopFailure when ``output`` is outvoted."""
+        if self.fraction == 0.0 or self.rng.random() >= self.fraction:
+            return
+        hop = stream.hop
+        records = await self._records(hop.start)
+        candidates = self._candidates(hop, records)
+        if not candidates:
+            logger.info(
+                "no other peer serves blocks %d-%d: not spot-checked", hop.start, hop.end - 1
+            )
+            return
+        inputs = torch.cat([*history, hidden], dim=1)
+        new_tokens = hidden.shape[1]
+        answers = {hop.peer_id: output}
+        replies: list[SignedReply] = []
+        for peer_id in candidates:
+            reply = await self._ask(Hop(peer_id, hop.start, hop.end), inputs, stream.spec)
+            if reply is None:
+                continue
+            replies.append(reply)
+            answers[peer_id] = reply.output[:, -new_tokens:]
+            if not outliers(answers, _tolerance(output.dtype, answers, records)):
+                return  # the verifier agrees (or a third peer settled a borderline case)
+            if len(answers) == 3:
+                break
+        if len(answers) == 1:
+            logger.info("no verifier answered for blocks %d-%d", hop.start, hop.end - 1)
+            return
+        banned = outliers(answers, _tolerance(output.dtype, answers, records))
+        primary = SignedReply(
+            hop.peer_id,
+            stream.digest(position, stream.steps_sent, hidden, output),
+            stream.last_signature if isinstance(stream.last_signature, bytes) else None,
+            output,
+        )
+        evidence = VerificationEvidence(
+            session_id=stream.spec.session_id,
+            step=stream.steps_sent,
+            position=position,
+            start=hop.start,
+            end=hop.end,
+            replies=(primary, *replies),
+            banned=tuple(sorted(banned)),
+        )
+        self.evidence.append(evidence)
+        logger.warning("%s", evidence.describe())
+        others = ", ".join(peer for peer in answers if peer != hop.peer_id)
+        for peer_id in banned - {hop.peer_id}:
+            self.router.bans.ban(peer_id, f"spot-check: its output disagrees with {hop.peer_id}")
+        if hop.peer_id in banned:
+            raise HopFailure(
+                hop, f"spot-check: its output at step {evidence.step} disagrees with {others}"
+            )
+
+    async def _ask(self, hop: Hop, inputs: torch.Tensor, spec: SessionSpec) -> SignedReply | None:
+        """The verifier's signed answer, or None when it cannot give one (a verifier that
+        signs badly is banned; one that fails otherwise, e.g. refuses the length, is skipped)."""
+        try:
+            return await signed_forward(
+                self.router.connection,
+                hop,
+                spec.model_id,
+                inputs,
+                pad_lengths=spec.pad_lengths,
+                timeout=spec.timeout_for(inputs.shape[1]),
+            )
+        except HopFailure as failure:
+            if isinstance(failure.__cause__, SignatureError):
+                self.router.bans.ban(hop.peer_id, failure.reason)
+            else:
+                logger.info("verifier %s gave no answer: %s", hop.peer_id, failure.reason)
+            return None
+
+    def _candidates(self, hop: Hop, records: Mapping[str, PeerRecord]) -> list[str]:
+        """Other usable peers serving all of ``[hop.start, hop.end)``, in a random order with
+        those computing in the checked peer's dtype first (the tolerance stays tight)."""
+        banned = self.router.bans.banned()
+        allowed = self.router.allowed
+        usable = [
+            peer_id
+            for peer_id, record in records.items()
+            if peer_id != hop.peer_id
+            and record.state == PeerState.ONLINE
+            and record.start <= hop.start
+            and hop.end <= record.end
+            and peer_id not in banned
+            and (allowed is None or peer_id in allowed)
+        ]
+        self.rng.shuffle(usable)
+        checked = records.get(hop.peer_id)
+        if checked is not None:
+            usable.sort(key=lambda peer_id: records[peer_id].dtype != checked.dtype)
+        return usable
+
+    async def _records(self, block: int) -> Mapping[str, PeerRecord]:
+        """Who announces ``block``, from a coverage map at most ``COVERAGE_TTL`` s old."""
+        coverage = await self._read_coverage()
+        return coverage.blocks[block] if coverage is not None else {}
+
+    async def _read_coverage(self) -> CoverageMap | None:
+        if time.monotonic() - self._coverage_read < COVERAGE_TTL:
+            return self._coverage
+        loop = asyncio.get_running_loop()
+        try:
+            self._coverage = await loop.run_in_executor(
+                None,
+                self.router.connection.coverage,
+                self.router.model_id,
+                self.router.num_blocks,
+            )
+        except TimeoutError as e:
+            logger.warning("cannot read the coverage map to find verifiers: %s", e)
+            return None
+        self._coverage_read = time.monotonic()
+        return self._coverage
+
+
+def _tolerance(
+    wire_dtype: torch.dtype, answers: Mapping[str, torch.Tensor], records: Mapping[str, PeerRecord]
+) -> float:
+    """The tolerance of the coarsest dtype involved: the wire's and the answering peers'."""
+    dtypes = {wire_dtype}
+    for peer_id in answers:
+        record = records.get(peer_id)
+        if record is not None and record.dtype in WIRE_DTYPES:
+            dtypes.add(WIRE_DTYPES[record.dtype])
+    return max(TOLERANCES.get(dtype, TOLERANCES[torch.float32]) for dtype in dtypes)

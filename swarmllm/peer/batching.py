@@ -1,0 +1,208 @@
+"""Decode steps of different sessions that reach a peer together run as one batched forward.
+
+Every forward pass of the peer goes through one queue served by the single compute thread.
+A single-token step of a session (a decode step) waits in the queue with the others; when the
+compute thread takes one, it takes every queued decode step of the same span with it, and
+runs them as one batch (``BlockSpan.decode_batch``), each session with its own cache. Anything
+else (a prompt, a replay, a stateless forward) runs alone.
+
+While a session that sent a decode step for that span in the last ``active_period`` seconds
+is missing from the batch, the batch waits for it, at most ``window`` seconds: a lone session
+never waits, sessions stepping in lockstep are batched whole instead of one plus the rest, and
+a session that closes (its cache is freed) or goes idle stops holding the others up. By default
+the window is as long as the span's last decode pass: waiting longer for a straggler would cost
+more than running it in a pass of its own.
+
+Decode passes run on ``decode_threads`` torch threads (default 1), other passes on
+``num_threads``: a single-token pass is a chain of small ops where a second thread mostly adds
+synchronisation, and peers sharing a machine then keep out of each other's way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
+
+import torch
+
+from swarmllm.blocks.kv_cache import KVCache
+from swarmllm.blocks.span import BlockSpan
+from swarmllm.peer.compute import ComputeWorker
+
+logger = logging.getLogger("swarmllm.peer")
+
+T = TypeVar("T")
+
+MAX_AUTO_WINDOW = 0.05  # seconds: the default window is the last decode pass, at most this
+ACTIVE_PERIOD = 1.0  # a session that sent a decode step this recently is expected again
+MAX_BATCH_ROWS = 64
+
+
+class Computed(NamedTuple):
+    output: torch.Tensor
+    seconds: float  # wall time of the forward pass that produced it (shared by its batch)
+    queued: float  # seconds the step waited before that pass started
+    batch: int  # sessions in that forward pass
+
+
+@dataclass(eq=False)
+class _Job:
+    span: BlockSpan
+    hidden: torch.Tensor
+    cache: KVCache | None
+    pad_lengths: torch.Tensor | None
+    future: asyncio.Future[Computed]
+    submitted: float = field(default_factory=time.perf_counter)
+
+    @property
+    def batchable(self) -> bool:
+        return self.cache is not None and self.hidden.shape[1] == 1
+
+
+class BatchingWorker(ComputeWorker):
+    """The peer's compute worker: ``forward`` batches concurrent decode steps."""
+
+    def __init__(
+        self,
+        num_threads: int | None = None,
+        *,
+        decode_threads: int = 1,
+        window: float | None = None,
+        active_period: float = ACTIVE_PERIOD,
+        max_rows: int = MAX_BATCH_ROWS,
+    ):
+        super().__init__(num_threads)
+        self.threads = num_threads or torch.get_num_threads()
+        self.decode_threads = decode_threads
+        self.window, self.active_period, self.max_rows = window, active_period, max_rows
+        self._last_pass: dict[BlockSpan, float] = {}  # seconds of each span's last decode pass
+        self._queue: deque[_Job] = deque()
+        self._arrived = asyncio.Event()
+        self._dispatcher: asyncio.Task | None = None
+        # when each session's cache last sent a decode step, and on which span; a closed
+        # session drops out as soon as its cache is garbage
+        self._last_decode: weakref.WeakKeyDictionary[KVCache, tuple[BlockSpan, float]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def forward(
+        self,
+        span: BlockSpan,
+        hidden: torch.Tensor,
+        cache: KVCache | None,
+        pad_lengths: torch.Tensor | None,
+    ) -> Computed:
+        """``span(hidden, cache, pad_lengths)`` on the compute thread, batched when possible."""
+        job = _Job(span, hidden, cache, pad_lengths, asyncio.get_running_loop().create_future())
+        if job.batchable:
+            self._last_decode[cache] = (span, time.monotonic())
+        self._queue.append(job)
+        self._arrived.set()
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.create_task(self._dispatch())
+        return await job.future
+
+    async def _dispatch(self) -> None:
+        while self._queue:
+            job = self._queue.popleft()
+            if job.future.done():  # its request was cancelled while it waited
+                continue
+            if job.batchable:
+                await self._run_batch(await self._gather(job))
+            else:
+                await self._run_alone(job)
+
+    async def _gather(self, first: _Job) -> list[_Job]:
+        """``first`` and the queued decode steps of its span, after waiting (at most
+        ``window``) for the sessions that are decoding there but not yet queued."""
+        window = self.window
+        if window is None:
+            window = min(MAX_AUTO_WINDOW, self._last_pass.get(first.span, 0.0))
+        deadline = time.monotonic() + window
+        while True:
+            batch, rows = [first], first.hidden.shape[0]
+            for job in self._queue:
+                if job.span is first.span and job.batchable and not job.future.done():
+                    if rows + job.hidden.shape[0] > self.max_rows:
+                        break
+                    batch.append(job)
+                    rows += job.hidden.shape[0]
+            now = time.monotonic()
+            # when each active session missing from the batch stops counting as active
+            missing = [
+                seen + self.active_period
+                for cache, (span, seen) in list(self._last_decode.items())
+                if span is first.span
+                and now < seen + self.active_period
+                and all(job.cache is not cache for job in batch)
+            ]
+            if not missing or rows >= self.max_rows or now >= deadline:
+                break
+            self._arrived.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), min(deadline, *missing) - now)
+        taken = set(map(id, batch))
+        self._queue = deque(job for job in self._queue if id(job) not in taken)
+        return batch
+
+    async def _run_batch(self, batch: list[_Job]) -> None:
+        if len(batch) == 1:
+            await self._run_alone(batch[0])
+            return
+        span = batch[0].span
+        try:
+            outputs, started, seconds = await self.run(
+                _timed,
+                self.decode_threads,
+                span.decode_batch,
+                [job.hidden for job in batch],
+                [job.cache for job in batch],
+                [job.pad_lengths for job in batch],
+            )
+        except Exception as e:
+            # caches only advance after a whole pass, so each step can be rerun alone: a
+            # request that breaks the batch then fails by itself, not its neighbours
+            logger.warning(
+                "a batch of %d decode steps failed (%s); running them alone", len(batch), e
+            )
+            for job in batch:
+                await self._run_alone(job)
+            return
+        self._last_pass[span] = seconds
+        for job, output in zip(batch, outputs, strict=True):
+            if not job.future.done():
+                job.future.set_result(
+                    Computed(output, seconds, started - job.submitted, len(batch))
+                )
+
+    async def _run_alone(self, job: _Job) -> None:
+        try:
+            threads = self.decode_threads if job.hidden.shape[1] == 1 else self.threads
+            output, started, seconds = await self.run(
+                _timed, threads, job.span.forward, job.hidden, job.cache, job.pad_lengths
+            )
+        except Exception as e:
+            if not job.future.done():
+                job.future.set_exception(e)
+            return
+        if not job.future.done():
+            job.future.set_result(Computed(output, seconds, started - job.submitted, 1))
+        if job.batchable:
+            self._last_pass[job.span] = seconds
+
+
+def _timed(threads: int, fn: Callable[..., T], *args) -> tuple[T, float, float]:
+    """``fn(*args)`` on ``threads`` torch threads, when it started and how long it took
+    (measured on the compute thread)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    result = fn(*args)
+    return result, started, time.perf_counter() - started
