@@ -1,0 +1,56 @@
+"""A real peer that misbehaves, for tests only: ``python tests/tampering_peer.py MODE peer ARGS``.
+
+MODE ``noise``: the span adds Gaussian noise to every output, which the peer then signs
+correctly (a valid signature over wrong values; only spot-checking can catch it).
+MODE ``wrong-key``: outputs are right, but every reply is signed with a key other than the
+peer's own (the client's signature check catches it on the first reply).
+
+The misbehaviour is patched into this process only; the production peer has no such switch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+import swarmllm.peer.servicer
+from swarmllm.blocks.span import BlockSpan
+from swarmllm.cli import main
+from swarmllm.security.signing import ActivationDigest
+
+NOISE_STD = 0.05  # far above the float32 tolerance, small enough to look like activations
+
+
+def add_noise() -> None:
+    forward, decode_batch = BlockSpan.forward, BlockSpan.decode_batch
+
+    def noisy_forward(self: BlockSpan, *args, **kwargs) -> torch.Tensor:
+        output = forward(self, *args, **kwargs)
+        return output + NOISE_STD * torch.randn_like(output)
+
+    def noisy_decode_batch(self: BlockSpan, *args, **kwargs) -> list[torch.Tensor]:
+        return [
+            out + NOISE_STD * torch.randn_like(out) for out in decode_batch(self, *args, **kwargs)
+        ]
+
+    BlockSpan.forward, BlockSpan.decode_batch = noisy_forward, noisy_decode_batch
+
+
+def sign_with_another_key() -> None:
+    impostor = Ed25519PrivateKey.generate()
+
+    def sign_activation(key: Ed25519PrivateKey, digest: ActivationDigest) -> bytes:
+        return impostor.sign(digest.to_bytes())
+
+    swarmllm.peer.servicer.sign_activation = sign_activation
+
+
+MODES = {"noise": add_noise, "wrong-key": sign_with_another_key}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] not in MODES or sys.argv[2] != "peer":
+        sys.exit(f"usage: {sys.argv[0]} {{{','.join(MODES)}}} peer [peer arguments]")
+    MODES[sys.argv[1]]()
+    sys.exit(main(sys.argv[2:]))
