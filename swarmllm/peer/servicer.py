@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from swarmllm.security.validation import (
 
 logger = logging.getLogger("swarmllm.peer")
 
+END_OF_STREAM_WAIT = 5.0  # seconds a forward stream waits for the client to end it
+
 
 @dataclass
 class PeerIdentity:
@@ -84,29 +87,39 @@ class PeerServicer(ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Stateless run of a whole sequence through a sub-span (one request, one reply)."""
         async for request in requests:
-            # refused after reading the request, or the client may not see the reply
-            if (refusal := self._refuse_unlisted(context)) is not None:
-                yield refusal
-                return
-            try:
-                received = time.perf_counter()
-                meta = self._decode(request)
-                start, end = self._check_span(meta)
-                dtype = wire_dtype(meta.get("wire_dtype"))
-                hidden, extra = self._hidden_states(request, dtype, batch=None)
-                images = self._images(extra, hidden, start, 0)
-                pad_lengths = self._pad_lengths(meta, hidden.shape[0])
-                span = self._sub_span(start, end)
-                inputs = await self._compute_input(hidden, images, 0)
-                computed = await self.worker.forward(span, inputs, None, pad_lengths)
-                yield self._signed_reply(
-                    meta, "", 0, 0, start, end, [hidden, *extra], computed, dtype, received
-                )
-            except InvalidRequest as e:
-                yield self._refuse(e, context)
-            except Exception as e:  # a bug, not bad input: answer, log once, keep serving
-                yield self._internal_error(e, context)
+            yield await self._forward_reply(request, context)
+            break
+        # Returning closes the stream. Before the client has written its end-of-stream, that
+        # breaks its pipe, and its stream reader then drops the reply it has not read yet.
+        try:
+            await asyncio.wait_for(anext(requests), END_OF_STREAM_WAIT)
+        except (StopAsyncIteration, asyncio.TimeoutError):
             return
+        yield error_response("forward takes one request per stream", ErrorCode.INVALID)
+
+    async def _forward_reply(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        if (refusal := self._refuse_unlisted(context)) is not None:
+            return refusal
+        try:
+            received = time.perf_counter()
+            meta = self._decode(request)
+            start, end = self._check_span(meta)
+            dtype = wire_dtype(meta.get("wire_dtype"))
+            hidden, extra = self._hidden_states(request, dtype, batch=None)
+            images = self._images(extra, hidden, start, 0)
+            pad_lengths = self._pad_lengths(meta, hidden.shape[0])
+            span = self._sub_span(start, end)
+            inputs = await self._compute_input(hidden, images, 0)
+            computed = await self.worker.forward(span, inputs, None, pad_lengths)
+            return self._signed_reply(
+                meta, "", 0, 0, start, end, [hidden, *extra], computed, dtype, received
+            )
+        except InvalidRequest as e:
+            return self._refuse(e, context)
+        except Exception as e:  # a bug, not bad input: answer, log once, keep serving
+            return self._internal_error(e, context)
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
