@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.table import Table
 
+from swarmllm.blocks.prompts import prompt_ids
 from swarmllm.blocks.sources import resolve_model
 from swarmllm.client.model import DistributedModelForCausalLM
 from swarmllm.security.identity import peer_id_of
@@ -97,12 +98,7 @@ def main() -> None:
     console = Console()
     source = resolve_model()
     tokenizer = source.load_tokenizer()
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
+    prompt = prompt_ids(tokenizer, PROMPT)
 
     with LocalSwarm(PEERS, source=source) as swarm:
         swarm.wait_until_ready(timeout=300)

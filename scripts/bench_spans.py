@@ -21,6 +21,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from swarmllm.blocks.local_chain import LocalChain
+from swarmllm.blocks.prompts import prompt_ids
 from swarmllm.blocks.sources import resolve_model
 
 TARGET_RATIO = 0.95
@@ -54,9 +55,7 @@ def main() -> None:
     console = Console()
     source = resolve_model(args.model)
     tokenizer = source.load_tokenizer()
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt"
-    )["input_ids"]
+    prompt = prompt_ids(tokenizer, args.prompt)
 
     reference = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
     chain = LocalChain.load(source, num_spans=args.spans, dtype=torch.float32)

@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM
 
+from swarmllm.blocks.prompts import prompt_ids
 from swarmllm.blocks.sources import ModelSource, resolve_model
 from swarmllm.client.model import DistributedModelForCausalLM
 from swarmllm.protocol import WIRE_DTYPES
@@ -178,12 +179,7 @@ def main() -> None:
     console = Console(width=140)
     source = resolve_model()
     tokenizer = source.load_tokenizer()
-    chat = tokenizer.apply_chat_template(
-        [{"role": "user", "content": CHAT}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
+    chat = prompt_ids(tokenizer, CHAT)
     long_prompt = tokenizer(LONG_TEXT * 8, return_tensors="pt")["input_ids"][:, :128]
     reference = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
     reference.generation_config.eos_token_id = None  # decode exactly --new-tokens

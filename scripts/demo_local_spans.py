@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from swarmllm.blocks.local_chain import LocalChain
+from swarmllm.blocks.prompts import prompt_ids
 from swarmllm.blocks.sources import resolve_model
 
 
@@ -37,9 +38,7 @@ def main() -> None:
     loaded = time.perf_counter() - started
     console.print(f"loaded {source.model_id} as {args.spans} spans in {loaded:.1f} s")
 
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt"
-    )["input_ids"]
+    prompt = prompt_ids(tokenizer, args.prompt)
     started = time.perf_counter()
     tokens, span_seconds = chain.generate_greedy(
         prompt, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id

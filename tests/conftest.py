@@ -37,3 +37,9 @@ def tiny_source(
     """``make(family)`` resolves the tiny model of that family like any local model directory."""
     hash_cache = tmp_path_factory.mktemp("swarmllm-cache")  # keeps the user's hash memo clean
     return lambda family: resolve_model(tiny_model_dir(family), cache_dir=hash_cache)
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_source: Callable[[str], ModelSource]) -> ModelSource:
+    """The tiny Llama model that the swarm tests serve."""
+    return tiny_source("llama")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from model_factory import COMMON
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -15,16 +16,7 @@ from transformers import (
 )
 
 IMAGE_TOKEN = 127
-TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+TEXT = {**COMMON, "num_hidden_layers": 4}
 TEXT_CONFIGS = {"llama": LlamaConfig(**TEXT), "qwen2": Qwen2Config(**TEXT)}
 VISION = CLIPVisionConfig(
     hidden_size=32,

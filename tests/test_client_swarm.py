@@ -9,8 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from cli_runner import run_cli
 from transformers import AutoModelForCausalLM
 
+from swarmllm.blocks.prompts import prompt_ids
 from swarmllm.blocks.sources import ModelSource
 from swarmllm.client.model import DistributedModelForCausalLM
 from swarmllm.swarm import LocalSwarm
@@ -40,12 +42,7 @@ def reference(embedded_source: ModelSource):
 
 
 def chat_ids(model: DistributedModelForCausalLM, text: str) -> torch.Tensor:
-    return model.tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
+    return prompt_ids(model.tokenizer, text)
 
 
 def test_greedy_generate_equals_transformers_token_for_token(model, reference):
@@ -67,22 +64,15 @@ def test_cli_generate_prints_the_reference_answer(swarm, model, reference):
     input_ids = chat_ids(model, STORY)
     theirs = reference.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     expected = model.tokenizer.decode(theirs[0, input_ids.shape[1] :], skip_special_tokens=True)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "swarmllm.cli",
-            "generate",
-            "--initial-peers",
-            *swarm.initial_peers,
-            "--chat",
-            "--max-new-tokens",
-            str(NEW_TOKENS),
-            "--show-route",
-            STORY,
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "generate",
+        "--initial-peers",
+        *swarm.initial_peers,
+        "--chat",
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--show-route",
+        STORY,
         timeout=180,
     )
     assert result.returncode == 0, result.stderr
@@ -141,12 +131,7 @@ def test_a_session_continues_a_chat_without_resending_the_past(model, reference)
 
 def test_cli_errors_are_one_clear_line(swarm, tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "swarmllm.cli", "generate", *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run_cli("generate", *args)
 
     started = time.monotonic()
     unreachable = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWD7ayW8p8Y1L9vxvLWK3mzY3KFNSt7qzQhdH6YAAKbR5C"

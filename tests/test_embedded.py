@@ -10,6 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from swarmllm.blocks.local_chain import LocalChain
+from swarmllm.blocks.prompts import prompt_ids
 from swarmllm.blocks.span import BlockSpan
 
 pytestmark = pytest.mark.slow
@@ -20,9 +21,7 @@ NEW_TOKENS = 32
 
 def test_three_spans_answer_like_transformers(embedded_source):
     tokenizer = embedded_source.load_tokenizer()
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, return_tensors="pt"
-    )["input_ids"]
+    prompt = prompt_ids(tokenizer, QUESTION)
     reference = AutoModelForCausalLM.from_pretrained(embedded_source.path, dtype=torch.float32)
     eos = reference.generation_config.eos_token_id
     with torch.inference_mode():

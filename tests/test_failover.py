@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 
 import pytest
 import torch
+from cli_runner import run_cli
+from streamers import AfterTokens
 from transformers import AutoModelForCausalLM
 
 from swarmllm.blocks.sources import ModelSource
@@ -20,26 +19,6 @@ from swarmllm.swarm import LocalSwarm
 pytestmark = pytest.mark.slow
 
 PROMPT_LENGTH, NEW_TOKENS, FAIL_AFTER = 12, 30, 10
-
-
-class AfterTokens:
-    """A streamer that runs ``action`` once the ``n``-th new token has been produced."""
-
-    def __init__(self, n: int, action: Callable[[], None]):
-        self.n, self.action, self.seen = n, action, -1  # the first put is the prompt
-
-    def put(self, value: torch.Tensor) -> None:
-        self.seen += 1
-        if self.seen == self.n:
-            self.action()
-
-    def end(self) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_source) -> ModelSource:
-    return tiny_source("llama")
 
 
 @pytest.fixture(scope="module")
@@ -103,23 +82,15 @@ def test_losing_the_only_server_of_a_span_names_the_uncovered_blocks(llama, prom
             assert time.monotonic() - started < 60
         start, end = victim.blocks
         assert f"blocks {start}-{end - 1}" in str(error.value)
-        cli = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "swarmllm.cli",
-                "generate",
-                "--model",
-                str(llama.path),
-                "--timeout",
-                "2",
-                "--initial-peers",
-                *swarm.initial_peers,
-                "hello",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
+        cli = run_cli(
+            "generate",
+            "--model",
+            str(llama.path),
+            "--timeout",
+            "2",
+            "--initial-peers",
+            *swarm.initial_peers,
+            "hello",
         )
     assert cli.returncode != 0
     assert f"blocks {start}-{end - 1}" in cli.stderr

@@ -296,11 +296,6 @@ CASES: dict[str, tuple[Scenario, tuple[str, ...]]] = {
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_source) -> ModelSource:
-    return tiny_source("llama")
-
-
-@pytest.fixture(scope="module")
 def swarm(llama: ModelSource, tmp_path_factory) -> Iterator[LocalSwarm]:
     with LocalSwarm(
         1, source=llama, workdir=tmp_path_factory.mktemp("malformed"), peer_args=LIMITS

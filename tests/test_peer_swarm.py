@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 from swarmllm.blocks.sources import ModelSource
 from swarmllm.blocks.span import BlockSpan
@@ -24,11 +25,6 @@ from swarmllm.swarm import LocalSwarm
 pytestmark = pytest.mark.slow
 
 REFRESH = ["--refresh-period", "2"]
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_source) -> ModelSource:
-    return tiny_source("llama")
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +174,7 @@ def test_invalid_peer_arguments_exit_with_one_clear_line(args, complaint, llama,
     corrupt.write_bytes(b"not a key")
     args = [a.replace("{corrupt}", str(corrupt)) for a in args]
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "swarmllm.cli", "peer", "--model", str(llama.path), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("peer", "--model", str(llama.path), *args)
     assert result.returncode != 0
     assert complaint in result.stderr
     assert "Traceback" not in result.stderr
@@ -191,22 +182,12 @@ def test_invalid_peer_arguments_exit_with_one_clear_line(args, complaint, llama,
 
 
 def test_status_reports_every_peer_and_full_coverage(swarm, llama):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "swarmllm.cli",
-            "status",
-            "--model",
-            str(llama.path),
-            "--initial-peers",
-            *swarm.initial_peers,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    def status(*options: str) -> subprocess.CompletedProcess:
+        return run_cli(
+            "status", "--model", str(llama.path), "--initial-peers", *swarm.initial_peers, *options
+        )
+
+    result = status("--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["fully_covered"] and report["uncovered"] == []
@@ -217,21 +198,7 @@ def test_status_reports_every_peer_and_full_coverage(swarm, llama):
         assert row["state"] == "ONLINE" and row["ping_ms"] is not None
         assert row["throughput"] > 0 and row["cache_tokens_left"] > 0
 
-    table = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "swarmllm.cli",
-            "status",
-            "--model",
-            str(llama.path),
-            "--initial-peers",
-            *swarm.initial_peers,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    table = status()
     assert table.returncode == 0 and "fully covered" in table.stdout
 
 

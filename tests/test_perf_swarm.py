@@ -3,13 +3,12 @@ peer with unchanged results, the per-hop profile, and compressed activations on 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
 import torch
+from cli_runner import run_cli
 from transformers import AutoModelForCausalLM
 
 from swarmllm.blocks.head import ModelHead
@@ -30,11 +29,6 @@ WIRE_TOLERANCE = {"float16": 0.1, "bfloat16": 0.5}
 def tokens(length: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, 128, (1, length), generator=generator)
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_source) -> ModelSource:
-    return tiny_source("llama")
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +136,14 @@ def test_compressed_transport_stays_within_the_documented_tolerance(
 
 
 def test_generate_command_prints_the_profile(embedded_swarm):
-    result = subprocess.run(
-        [sys.executable, "-m", "swarmllm.cli", "generate", "--initial-peers"]
-        + [*embedded_swarm.initial_peers, "--max-new-tokens", "4", "--profile", "Tell me a story"],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "generate",
+        "--initial-peers",
+        *embedded_swarm.initial_peers,
+        "--max-new-tokens",
+        "4",
+        "--profile",
+        "Tell me a story",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr

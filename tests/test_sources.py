@@ -12,19 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_factory import COMMON
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from swarmllm.blocks import embedded, sources
 from swarmllm.blocks.sources import ModelSourceError, cache_root, resolve_model
 
-TINY_LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-)
+TINY_LLAMA = {**COMMON, "num_hidden_layers": 4}
 
 
 def save_tiny_llama(directory: Path, seed: int = 0, **save_kwargs) -> Path:

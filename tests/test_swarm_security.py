@@ -15,6 +15,7 @@ from pathlib import Path
 import hivemind
 import pytest
 import torch
+from cli_runner import run_cli
 from hivemind.utils import get_dht_time
 from transformers import AutoModelForCausalLM
 
@@ -43,11 +44,6 @@ class PrivateSwarm:
     private_peer: str  # serves only the listed client
     client_key: Path  # the listed client's identity
     client_id: str
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_source) -> ModelSource:
-    return tiny_source("llama")
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +137,7 @@ def test_a_bad_allowed_peers_file_is_one_clear_error(command: str, tmp_path: Pat
     args = ["--allowed-peers", str(allowed)]
     if command == "generate":
         args += ["--initial-peers", f"/ip4/{HOST}/tcp/9", "hello"]
-    result = subprocess.run(
-        [sys.executable, "-m", "swarmllm.cli", command, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli(command, *args)
     assert result.returncode == 1
     assert f"{allowed}, line 2: '12D3KooWnotapeerid' is not an Ed25519 peer id" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

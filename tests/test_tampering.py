@@ -57,11 +57,6 @@ class _Records(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_source) -> ModelSource:
-    return tiny_source("llama")
-
-
-@pytest.fixture(scope="module")
 def prompt() -> torch.Tensor:
     return torch.randint(0, 128, (1, PROMPT_LENGTH), generator=torch.Generator().manual_seed(5))
 

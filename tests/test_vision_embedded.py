@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 from swarmllm.blocks import shapes
 from swarmllm.blocks.local_vision import LocalVisionChain
@@ -64,20 +63,13 @@ def test_a_held_out_picture_is_answered_correctly_with_the_local_logits(embedded
 
 def test_the_cli_answers_about_the_shipped_example_picture(swarm):
     assert load_image(EXAMPLE).size == (128, 128)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "swarmllm.cli",
-            "generate",
-            "--image",
-            str(EXAMPLE),
-            "--initial-peers",
-            *swarm.initial_peers,
-            "What is in the picture?",
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli(
+        "generate",
+        "--image",
+        str(EXAMPLE),
+        "--initial-peers",
+        *swarm.initial_peers,
+        "What is in the picture?",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -85,21 +77,13 @@ def test_the_cli_answers_about_the_shipped_example_picture(swarm):
 
 
 def test_a_missing_image_fails_before_joining_the_swarm(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "swarmllm.cli",
-            "generate",
-            "--image",
-            str(tmp_path / "nope.png"),
-            "--initial-peers",
-            "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
-            "What is in the picture?",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_cli(
+        "generate",
+        "--image",
+        str(tmp_path / "nope.png"),
+        "--initial-peers",
+        "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
+        "What is in the picture?",
     )
     assert result.returncode == 1
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 from llava_factory import IMAGE_TOKEN, save_tiny_llava
+from streamers import AfterTokens
 from transformers import LlavaForConditionalGeneration
 
 from swarmllm.blocks.sources import ModelSource, resolve_model
@@ -116,21 +117,6 @@ def test_image_sessions_route_to_a_block_0_peer_with_the_adapter(llava, llama_sw
         for _ in range(4):
             with model.inference_session(max_length=32, images=True) as session:
                 assert session.route[0].peer_id in announced
-
-
-class AfterTokens:
-    """A streamer that runs ``action`` once the ``n``-th new token has been produced."""
-
-    def __init__(self, n: int, action: Callable[[], None]):
-        self.n, self.action, self.seen = n, action, -1  # the first put is the prompt
-
-    def put(self, value: torch.Tensor) -> None:
-        self.seen += 1
-        if self.seen == self.n:
-            self.action()
-
-    def end(self) -> None:
-        pass
 
 
 def test_failover_of_the_adapter_peer_replays_the_image(llava, tmp_path):

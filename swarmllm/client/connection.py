@@ -14,15 +14,14 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import hivemind
 from hivemind.p2p import P2P, PeerID
 
 from swarmllm.dht.coverage import get_coverage
+from swarmllm.dht.node import swarm_dht
 from swarmllm.dht.records import CoverageMap
 from swarmllm.peer.servicer import PeerServicer
 from swarmllm.protocol import SERVICER_NAMESPACE, decode_meta, encode_request, raise_if_error
 from swarmllm.security.identity import load_or_create_identity, peer_id_of
-from swarmllm.security.record_validator import PeerIdSignatureValidator
 
 T = TypeVar("T")
 
@@ -52,13 +51,8 @@ class SwarmConnection:
             self._scratch.cleanup()
             raise
         self.peer_id = peer_id_of(key)
-        self.dht = hivemind.DHT(
-            initial_peers=list(initial_peers),
-            client_mode=True,
-            identity_path=str(identity_path),
-            check_if_identity_free=False,  # hivemind reads the key as RSA here; ours is Ed25519
-            record_validators=[PeerIdSignatureValidator(key)],
-            start=False,
+        self.dht = swarm_dht(
+            identity_path, key, initial_peers=list(initial_peers), client_mode=True, start=False
         )
         try:
             self.dht.run_in_background(await_ready=True, timeout=start_timeout)

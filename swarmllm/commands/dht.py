@@ -25,21 +25,18 @@ def add_dht_command(commands: argparse._SubParsersAction) -> None:
 
 
 def run_dht(args: argparse.Namespace) -> None:
-    import hivemind
-
+    from swarmllm.dht.node import swarm_dht
     from swarmllm.security.identity import load_or_create_identity
-    from swarmllm.security.record_validator import PeerIdSignatureValidator
 
     with tempfile.TemporaryDirectory(prefix="swarmllm-dht-") as scratch:
         identity = args.identity or Path(scratch) / "identity.key"
         key = load_or_create_identity(identity)
-        dht = hivemind.DHT(
+        dht = swarm_dht(
+            identity,
+            key,
             initial_peers=args.initial_peers,
             host_maddrs=args.host_maddrs,
             announce_maddrs=args.announce_maddrs or None,
-            identity_path=str(identity),
-            check_if_identity_free=False,  # hivemind reads the key as RSA here; ours is Ed25519
-            record_validators=[PeerIdSignatureValidator(key)],
             start=True,
         )
         try:

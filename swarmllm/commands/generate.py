@@ -68,6 +68,7 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
 def generate(args: argparse.Namespace) -> None:
     from transformers import TextStreamer
 
+    from swarmllm.blocks.prompts import prompt_ids
     from swarmllm.blocks.vision import load_image
     from swarmllm.client.model import DistributedModelForCausalLM
     from swarmllm.client.routing import format_route
@@ -97,15 +98,8 @@ def generate(args: argparse.Namespace) -> None:
         tokenizer = model.tokenizer
         if images:
             input_ids = model.image_prompt(args.prompt, len(images), chat=args.chat)
-        elif args.chat:
-            input_ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": args.prompt}],
-                add_generation_prompt=True,
-                return_tensors="pt",
-                return_dict=True,
-            )["input_ids"]
         else:
-            input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+            input_ids = prompt_ids(tokenizer, args.prompt, chat=args.chat)
         max_length = input_ids.shape[1] + args.max_new_tokens
         with model.inference_session(max_length=max_length, images=bool(images)) as session:
             if args.show_route:

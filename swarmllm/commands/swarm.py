@@ -72,17 +72,13 @@ def ask(model_ref: str | None, initial_peers: list[str], question: str) -> None:
     """Stream a greedy chat answer from the swarm to stdout."""
     from transformers import TextStreamer
 
+    from swarmllm.blocks.prompts import prompt_ids
     from swarmllm.client.model import DistributedModelForCausalLM
 
     with DistributedModelForCausalLM.from_pretrained(
         model_ref, initial_peers=initial_peers
     ) as model:
-        input_ids = model.tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )["input_ids"]
+        input_ids = prompt_ids(model.tokenizer, question)
         print(f"\n> {question}")
         streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
         started = time.perf_counter()

@@ -8,7 +8,6 @@ one, and a final OFFLINE announcement cannot expire sooner than the last ONLINE 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -20,13 +19,12 @@ import hivemind
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
+from swarmllm.dht.node import PROCESS_MARGIN, run_bounded
 from swarmllm.dht.records import PeerRecord, PeerState, block_key
 
 logger = logging.getLogger("swarmllm.dht")
 
 STORE_TIMEOUT = 10.0
-# extra seconds to wait for the DHT process beyond the timeout it enforces itself
-_PROCESS_MARGIN = 2.0
 
 
 class AnnounceError(RuntimeError):
@@ -62,15 +60,8 @@ def _store(
     if not blocks:
         raise ValueError("announce needs at least one block")
     keys = [block_key(model_id, block) for block in blocks]
-    future = dht.run_coroutine(
-        partial(_store_in_dht, keys, peer_id, record.to_bytes(), expiration, timeout),
-        return_future=True,
-    )
-    try:
-        stored = future.result(timeout=timeout + _PROCESS_MARGIN)
-    except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before 3.11
-        future.cancel()
-        stored = None
+    store = partial(_store_in_dht, keys, peer_id, record.to_bytes(), expiration, timeout)
+    stored = run_bounded(dht, store, timeout)
     if stored is None:
         raise AnnounceError(
             f"announcing {keys[0]}..{keys[-1]} ({len(keys)} keys) timed out after {timeout:.1f} s"
@@ -171,7 +162,7 @@ class Announcer:
             self._record = dataclasses.replace(self._record, state=final_state)
         self._wake.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=self.store_timeout + _PROCESS_MARGIN)
+            self._thread.join(timeout=self.store_timeout + PROCESS_MARGIN)
         self._announce(ttl=self.refresh_period, final=True)
 
     def _run(self) -> None:

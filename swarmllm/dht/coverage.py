@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 from collections.abc import Sequence
 from functools import partial
@@ -12,12 +11,11 @@ import hivemind
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
+from swarmllm.dht.node import run_bounded
 from swarmllm.dht.records import CoverageMap, PeerRecord, block_key
 
 logger = logging.getLogger("swarmllm.dht")
 
-# extra seconds to wait for the DHT process beyond the timeout it enforces itself
-_PROCESS_MARGIN = 2.0
 
 # per key: (subkey, value, expiration) of every dictionary entry found
 _RawEntries = dict[str, list[tuple[object, object, float]]]
@@ -37,12 +35,7 @@ def get_coverage(
     """
     keys = [block_key(model_id, block) for block in range(num_blocks)]
     keys += [block_key(model_id, name) for name in extra_blocks]
-    future = dht.run_coroutine(partial(_get_in_dht, keys, timeout), return_future=True)
-    try:
-        found = future.result(timeout=timeout + _PROCESS_MARGIN)
-    except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before 3.11
-        future.cancel()
-        found = None
+    found = run_bounded(dht, partial(_get_in_dht, keys, timeout), timeout)
     if found is None:
         raise TimeoutError(
             f"reading the coverage of {model_id!r} ({len(keys)} DHT keys) "

@@ -20,6 +20,7 @@ from swarmllm.blocks.span import BlockSpan
 from swarmllm.blocks.vision import ADAPTER_BLOCK, load_adapter
 from swarmllm.dht.announce import Announcer
 from swarmllm.dht.coverage import get_coverage
+from swarmllm.dht.node import swarm_dht
 from swarmllm.dht.records import PeerRecord, PeerState
 from swarmllm.peer.batching import BatchingWorker
 from swarmllm.peer.selection import choose_span
@@ -28,7 +29,6 @@ from swarmllm.peer.sessions import SessionRegistry
 from swarmllm.peer.throughput import cached_throughput
 from swarmllm.protocol import SERVICER_NAMESPACE
 from swarmllm.security.identity import load_or_create_identity, peer_id_of
-from swarmllm.security.record_validator import PeerIdSignatureValidator
 from swarmllm.security.validation import RequestLimits
 
 logger = logging.getLogger("swarmllm.peer")
@@ -83,13 +83,12 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
     with tempfile.TemporaryDirectory(prefix="swarmllm-peer-") as scratch:
         identity_path = settings.identity or Path(scratch) / "identity.key"
         private_key = load_or_create_identity(identity_path)
-        dht = hivemind.DHT(
+        dht = swarm_dht(
+            identity_path,
+            private_key,
             initial_peers=settings.initial_peers,
             host_maddrs=settings.host_maddrs,
             announce_maddrs=settings.announce_maddrs or None,
-            identity_path=str(identity_path),
-            check_if_identity_free=False,  # hivemind reads the key as RSA here; ours is Ed25519
-            record_validators=[PeerIdSignatureValidator(private_key)],
             start=True,
         )
         announcer: Announcer | None = None
