@@ -158,6 +158,44 @@ def test_sigterm_marks_the_peer_offline_and_exits_zero(llama, tmp_path):
             assert coverage.uncovered_ranges() == [leaving.blocks]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _alive(int(entry)):
+            with open(f"/proc/{entry}/stat") as stat:  # "pid (name) state ppid ..."
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        below = children.get(frontier.pop(), [])
+        found += below
+        frontier += below
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_a_peer_killed_with_sigkill_leaves_no_process_behind(llama, tmp_path):
+    with LocalSwarm(1, source=llama, workdir=tmp_path) as swarm:
+        swarm.wait_until_ready(timeout=120)
+        victim = swarm.peers[0]
+        helpers = _descendants(victim.pid)  # its DHT process and p2p daemon
+        assert len(helpers) >= 2, helpers
+        victim.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(map(_alive, helpers)):
+            time.sleep(0.5)
+        assert not [pid for pid in helpers if _alive(pid)]
+
+
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,11 +17,36 @@ from hivemind.dht.node import DHTNode
 
 from swarmllm.security.record_validator import PeerIdSignatureValidator
 
+OWNER_CHECK_PERIOD = 0.5  # seconds between the DHT process's checks that its owner lives
+
+
+class _OwnedDHT(hivemind.DHT):
+    """A DHT whose process ends as soon as the process that started it is gone.
+
+    hivemind runs the node in a child process that outlives a parent killed with SIGKILL. That
+    orphan keeps the peer's identity in the swarm and holds its open streams, so clients of a
+    dead peer waited for a timeout instead of seeing the stream drop (and tests leaked it).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._owner_pid = os.getpid()
+        super().__init__(*args, **kwargs)
+
+    def run(self) -> None:  # the child process's body
+        threading.Thread(target=self._end_with_owner, daemon=True).start()
+        super().run()
+
+    def _end_with_owner(self) -> None:
+        while os.getppid() == self._owner_pid:
+            time.sleep(OWNER_CHECK_PERIOD)
+        os.kill(os.getpid(), signal.SIGKILL)  # the p2p daemon then ends on its own
+
 
 def swarm_dht(identity_path: Path, key: Ed25519PrivateKey, **options: Any) -> hivemind.DHT:
     """A DHT node whose libp2p identity is ``key`` (stored at ``identity_path``), storing only
-    records their owners signed. ``options`` go to ``hivemind.DHT`` as they are."""
-    return hivemind.DHT(
+    records their owners signed; its process ends with ours. ``options`` go to
+    ``hivemind.DHT`` as they are."""
+    return _OwnedDHT(
         identity_path=str(identity_path),
         check_if_identity_free=False,  # hivemind reads the key as RSA here; ours is Ed25519
         record_validators=[PeerIdSignatureValidator(key)],
