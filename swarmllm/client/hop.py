@@ -55,6 +55,8 @@ class SessionSpec:
 
 
 TOKEN_TIMEOUT = 0.05
+PROBE_AFTER = 0.5  # seconds a reply may be late before the client checks the peer still answers
+PROBE_TIMEOUT = 2.0  # seconds for that check
 
 
 class HopStream:
@@ -153,8 +155,30 @@ class HopStream:
         )
 
     async def _receive(self, timeout: float) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The next reply. While it is late, ping the peer every ``PROBE_AFTER`` seconds: a
+        dead peer's stream does not always drop, and a failed ping fails the hop at once
+        instead of at the timeout."""
         assert self._replies is not None
-        return await read_reply(self._replies, self.hop, timeout)
+        reply = asyncio.ensure_future(read_reply(self._replies, self.hop, timeout))
+        try:
+            while True:
+                done, _ = await asyncio.wait({reply}, timeout=PROBE_AFTER)
+                if done:
+                    return reply.result()
+                probe = asyncio.ensure_future(
+                    self.connection.info(self.hop.peer_id, timeout=PROBE_TIMEOUT)
+                )
+                done, _ = await asyncio.wait({reply, probe}, return_when=asyncio.FIRST_COMPLETED)
+                if reply in done:
+                    probe.cancel()
+                    return reply.result()
+                if (error := probe.exception()) is not None:
+                    raise HopFailure(
+                        self.hop,
+                        f"no reply, and no answer to a ping: {error or type(error).__name__}",
+                    )
+        finally:
+            reply.cancel()  # only a read still pending: the stream is given up
 
     async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while (request := await self._outbox.get()) is not None:
