@@ -59,7 +59,7 @@ def test_sessions_stepped_together_are_batched_and_decode_as_if_alone(swarm, lla
     for got, want in zip(together, alone, strict=True):
         assert got.tolist() == want.tolist()
     assert len(decode["hops"]) == 3
-    assert all(hop["mean_batch"] >= 2 for hop in decode["hops"])  # peers ran them together
+    assert all(hop["mean_batch"] >= 2 for hop in decode["hops"]), decode  # peers ran them together
 
 
 def test_concurrent_clients_get_what_each_gets_alone(swarm, llama):
