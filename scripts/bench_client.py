@@ -10,6 +10,11 @@ client fails over to its replica. Writes bench_results/bench_client.json.
 
 from __future__ import annotations
 
+import os
+
+# As the swarmllm command and bench_swarm.py run (see swarmllm/__init__.py), for both sides.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import signal
 import statistics

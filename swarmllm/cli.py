@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-# Idle torch (OpenMP) threads sleep instead of spinning. A peer shares its machine with other
-# peers and programs, and spinning threads take the cores those need: on a loaded machine that
-# made multi-threaded passes many times slower. It must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from hivemind.utils.multiaddr import Multiaddr
 
