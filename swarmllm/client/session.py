@@ -26,7 +26,10 @@ from swarmllm.dht.records import CoverageMap
 
 logger = logging.getLogger("swarmllm.client")
 
-COVERAGE_MAX_AGE = 5.0  # seconds; records themselves are refreshed every ~10 s
+# Seconds a coverage map serves new routes. A read costs the swarm's DHT nodes tens of ms of
+# CPU (on 2 cores it slowed a prompt pass running beside it by ~20%), and a route through a
+# peer that has left since fails and reads the map again, so it need not be fresher.
+COVERAGE_MAX_AGE = 30.0
 
 
 class SessionFailedError(RuntimeError):
@@ -36,7 +39,7 @@ class SessionFailedError(RuntimeError):
 class Router:
     """Finds routes over the live coverage map, avoiding banned and busy peers.
 
-    A coverage map read less than ``COVERAGE_MAX_AGE`` seconds ago serves new routes (sessions
+    A coverage map read less than ``max_age`` seconds ago serves new routes (sessions
     opened together share one DHT read, and opening a session skips it); a route that fails
     on it, and every retry (``fresh``), reads the map again.
     """
@@ -48,9 +51,10 @@ class Router:
         num_blocks: int,
         bans: BanList,
         allowed: Collection[str] | None = None,
+        max_age: float = COVERAGE_MAX_AGE,
     ):
         self.connection, self.model_id, self.num_blocks = connection, model_id, num_blocks
-        self.bans, self.allowed = bans, allowed
+        self.bans, self.allowed, self.max_age = bans, allowed, max_age
         self._coverage: tuple[float, CoverageMap] | None = None  # (read at, map)
         self._reading = asyncio.Lock()
 
@@ -83,7 +87,7 @@ class Router:
             if (
                 not fresh
                 and self._coverage is not None
-                and time.monotonic() - self._coverage[0] < COVERAGE_MAX_AGE
+                and time.monotonic() - self._coverage[0] < self.max_age
             ):
                 return self._coverage[1], True
             loop = asyncio.get_running_loop()
