@@ -26,9 +26,9 @@ from swarmllm.dht.records import CoverageMap
 
 logger = logging.getLogger("swarmllm.client")
 
-# Seconds a coverage map serves new routes. A read costs the swarm's DHT nodes tens of ms of
-# CPU (on 2 cores it slowed a prompt pass running beside it by ~20%), and a route through a
-# peer that has left since fails and reads the map again, so it need not be fresher.
+# Seconds a coverage map serves new routes. A read is a DHT lookup of every block's key: tens
+# of ms, and CPU on every DHT node that answers. A route through a peer that has left since
+# fails and reads the map again, so it need not be fresher (Petals refreshes every 60 s).
 COVERAGE_MAX_AGE = 30.0
 
 
