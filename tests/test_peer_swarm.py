@@ -235,6 +235,7 @@ def test_status_reports_every_peer_and_full_coverage(swarm, llama):
         assert tuple(row["blocks"]) == peer.blocks
         assert row["state"] == "ONLINE" and row["ping_ms"] is not None
         assert row["throughput"] > 0 and row["cache_tokens_left"] > 0
+        assert row["adapters"] == []  # a text-only model
 
     table = status()
     assert table.returncode == 0 and "fully covered" in table.stdout

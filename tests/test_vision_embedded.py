@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +75,15 @@ def test_the_cli_answers_about_the_shipped_example_picture(swarm):
     )
     assert result.returncode == 0, result.stderr
     assert shapes.answer_is_correct("What is in the picture?", result.stdout, "star", "green")
+
+
+def test_status_shows_which_peer_serves_the_adapter(swarm):
+    result = run_cli("status", "--initial-peers", *swarm.initial_peers, "--json")
+    assert result.returncode == 0, result.stderr
+    adapters = {tuple(row["blocks"]): row["adapters"] for row in json.loads(result.stdout)["peers"]}
+    assert {blocks: names for blocks, names in adapters.items() if names} == {
+        peer.blocks: [shapes.adapter_name()] for peer in swarm.peers if peer.blocks[0] == 0
+    }
 
 
 def test_a_missing_image_fails_before_joining_the_swarm(tmp_path):

@@ -39,6 +39,7 @@ def status(args: argparse.Namespace) -> None:
                 "state": record.state.name,
                 "throughput": round(record.throughput, 2),
                 "cache_tokens_left": record.cache_tokens_left,
+                "adapters": list(record.adapters),
                 "ping_ms": round(connection.rtt[peer_id] * 1000, 2)
                 if peer_id in connection.rtt
                 else None,
@@ -51,7 +52,7 @@ def status(args: argparse.Namespace) -> None:
         print(json.dumps({**report, "uncovered": uncovered, "fully_covered": not uncovered}))
         return
     table = Table(title=f"{source.model_id}: {num_blocks} blocks")
-    for column in ("blocks", "peer", "state", "steps/s", "cache left", "ping"):
+    for column in ("blocks", "peer", "state", "steps/s", "cache left", "ping", "adapters"):
         table.add_column(column)
     for row in rows:
         ping = f"{row['ping_ms']:.1f} ms" if row["ping_ms"] is not None else "unreachable"
@@ -62,6 +63,7 @@ def status(args: argparse.Namespace) -> None:
             f"{row['throughput']:.1f}",
             str(row["cache_tokens_left"]),
             ping,
+            ", ".join(row["adapters"]),
         )
     console = Console()
     console.print(table)
