@@ -28,10 +28,8 @@ from swarmllm.blocks.sources import resolve_model
 from swarmllm.client.model import DistributedModelForCausalLM
 from swarmllm.security.identity import peer_id_of
 from swarmllm.security.signing import (
-    PROTOCOL_VERSION,
     ActivationDigest,
     sign_activation,
-    tensor_digest,
     verify_activation,
 )
 from swarmllm.swarm import LocalSwarm
@@ -72,17 +70,7 @@ def micro_costs(hidden_size: int, repeats: int) -> dict[str, float]:
     hidden, output = torch.randn(1, 1, hidden_size), torch.randn(1, 1, hidden_size)
 
     def digest() -> ActivationDigest:
-        return ActivationDigest(
-            PROTOCOL_VERSION,
-            "model",
-            "session",
-            100,
-            100,
-            0,
-            10,
-            tensor_digest(hidden),
-            tensor_digest(output),
-        )
+        return ActivationDigest.of("model", "session", 100, 100, 0, 10, [hidden], output)
 
     signature = sign_activation(key, digest())
     return {

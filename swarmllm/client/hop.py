@@ -19,10 +19,8 @@ from swarmllm.client.profile import HopTiming
 from swarmllm.client.routing import Hop
 from swarmllm.protocol import ErrorCode, decode_meta, decode_tensors, encode_request
 from swarmllm.security.signing import (
-    PROTOCOL_VERSION,
     ActivationDigest,
     SignatureError,
-    tensor_digest,
     verify_activation,
 )
 
@@ -98,8 +96,8 @@ class HopStream:
         adapter of a first hop); return the verified output."""
         self._step += 1
         sent = time.perf_counter()
-        tensors = [hidden, *(images.tensors() if images is not None else ())]
-        self._outbox.put_nowait(encode_request({"position": position, "step": self._step}, tensors))
+        request = {"position": position, "step": self._step}
+        self._outbox.put_nowait(encode_request(request, _sent_tensors(hidden, images)))
         meta, tensors = await self._receive(self.spec.timeout_for(hidden.shape[1]))
         if meta.get("position") != position or meta.get("step") != self._step or len(tensors) != 1:
             raise HopFailure(self.hop, f"reply does not match step {self._step}: {meta}")
@@ -142,16 +140,15 @@ class HopStream:
     ) -> ActivationDigest:
         """What the peer must have signed for ``output`` of step ``step``: the input digest
         covers every tensor sent, image features and positions included."""
-        return ActivationDigest(
-            protocol_version=PROTOCOL_VERSION,
-            model_id=self.spec.model_id,
-            session_id=self.spec.session_id,
-            position=position,
-            step=step,
-            start=self.hop.start,
-            end=self.hop.end,
-            input_digest=tensor_digest(hidden, *(images.tensors() if images is not None else ())),
-            output_digest=tensor_digest(output),
+        return ActivationDigest.of(
+            self.spec.model_id,
+            self.spec.session_id,
+            position,
+            step,
+            self.hop.start,
+            self.hop.end,
+            _sent_tensors(hidden, images),
+            output,
         )
 
     async def _receive(self, timeout: float) -> tuple[dict[str, Any], list[torch.Tensor]]:
@@ -288,17 +285,7 @@ async def signed_forward(
     reply_meta, tensors = await read_reply(replies, hop, timeout)
     if len(tensors) != 1 or tensors[0].shape != hidden.shape:
         raise HopFailure(hop, f"forward reply has the wrong shape: {reply_meta}")
-    signed = ActivationDigest(
-        PROTOCOL_VERSION,
-        model_id,
-        "",
-        0,
-        0,
-        hop.start,
-        hop.end,
-        tensor_digest(hidden),
-        tensor_digest(tensors[0]),
-    )
+    signed = ActivationDigest.of(model_id, "", 0, 0, hop.start, hop.end, [hidden], tensors[0])
     signature = reply_meta.get("signature")
     if verify_signatures:
         verify_reply(hop, signed, signature)
@@ -308,3 +295,8 @@ async def signed_forward(
 
 async def _single(request: runtime_pb2.ExpertRequest) -> AsyncIterator[runtime_pb2.ExpertRequest]:
     yield request
+
+
+def _sent_tensors(hidden: torch.Tensor, images: ImageInputs | None) -> list[torch.Tensor]:
+    """The tensors of a step's request, in order: what the peer's signature covers."""
+    return [hidden, *(images.tensors() if images is not None else ())]

@@ -28,10 +28,8 @@ from swarmllm.protocol import (
     error_response,
 )
 from swarmllm.security.signing import (
-    PROTOCOL_VERSION,
     ActivationDigest,
     sign_activation,
-    tensor_digest,
 )
 from swarmllm.security.validation import (
     InvalidRequest,
@@ -227,16 +225,8 @@ class PeerServicer(ServicerBase):
         received: float,
     ) -> runtime_pb2.ExpertResponse:
         output = computed.output.to(dtype)
-        digest = ActivationDigest(
-            protocol_version=PROTOCOL_VERSION,
-            model_id=self.identity.model_id,
-            session_id=session_id,
-            position=position,
-            step=step,
-            start=start,
-            end=end,
-            input_digest=tensor_digest(*inputs),
-            output_digest=tensor_digest(output),
+        digest = ActivationDigest.of(
+            self.identity.model_id, session_id, position, step, start, end, inputs, output
         )
         signature = sign_activation(self.identity.private_key, digest)
         timing = {  # for the client's profile; not signed

@@ -8,6 +8,7 @@ sent and received) and checks the peer's signature with the key inside the peer'
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgpack
@@ -60,6 +61,32 @@ class ActivationDigest:
     end: int
     input_digest: bytes
     output_digest: bytes
+
+    @classmethod
+    def of(
+        cls,
+        model_id: str,
+        session_id: str,
+        position: int,
+        step: int,
+        start: int,
+        end: int,
+        inputs: Sequence[torch.Tensor],
+        output: torch.Tensor,
+    ) -> ActivationDigest:
+        """The digest, in this protocol version, of ``output`` computed from ``inputs`` (every
+        tensor of the request, as sent)."""
+        return cls(
+            PROTOCOL_VERSION,
+            model_id,
+            session_id,
+            position,
+            step,
+            start,
+            end,
+            tensor_digest(*inputs),
+            tensor_digest(output),
+        )
 
     def to_bytes(self) -> bytes:
         """Canonical encoding: a domain-separated msgpack list in a fixed field order.
