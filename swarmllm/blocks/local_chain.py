@@ -78,8 +78,17 @@ class LocalChain:
         The tokens follow those already in ``caches`` (which advance); each span's wall time
         is added to ``span_seconds`` when given.
         """
+        return self.run_spans(self.head.embed(input_ids), caches, pad_lengths, span_seconds)
+
+    def run_spans(
+        self,
+        hidden: torch.Tensor,
+        caches: Sequence[KVCache] | None = None,
+        pad_lengths: torch.Tensor | None = None,
+        span_seconds: list[float] | None = None,
+    ) -> torch.Tensor:
+        """Embedded tokens [batch, new, hidden] through every span (see ``hidden_states``)."""
         caches = caches if caches is not None else [None] * len(self.spans)
-        hidden = self.head.embed(input_ids)
         for index, (span, cache) in enumerate(zip(self.spans, caches, strict=True)):
             started = time.perf_counter()
             hidden = span(hidden, cache, pad_lengths)

@@ -43,10 +43,7 @@ class LocalVisionChain:
         """Logits [1, tokens, vocab] of a prompt whose placeholders hold ``images``."""
         inputs = self.encoder.image_inputs(input_ids, images)
         hidden = self.adapter(self.chain.head.embed(input_ids), inputs, 0)
-        caches = caches if caches is not None else [None] * len(self.chain.spans)
-        for span, cache in zip(self.chain.spans, caches, strict=True):
-            hidden = span(hidden, cache)
-        return self.chain.head.logits(hidden)
+        return self.chain.head.logits(self.chain.run_spans(hidden, caches))
 
     @torch.inference_mode()
     def generate_greedy(
