@@ -33,9 +33,9 @@ def test_a_recent_map_is_reused_and_a_retry_reads_anew() -> None:
     async def scenario() -> None:
         connection = CountingConnection()
         routes = router(connection)
-        assert await routes._read_coverage(fresh=False) == ("map 1", False)
-        assert await routes._read_coverage(fresh=False) == ("map 1", True)
-        assert await routes._read_coverage(fresh=True) == ("map 2", False)
+        assert await routes.read_coverage(fresh=False) == ("map 1", False)
+        assert await routes.read_coverage(fresh=False) == ("map 1", True)
+        assert await routes.read_coverage(fresh=True) == ("map 2", False)
         assert connection.reads == 2
 
     asyncio.run(scenario())
@@ -44,9 +44,9 @@ def test_a_recent_map_is_reused_and_a_retry_reads_anew() -> None:
 def test_a_map_past_its_age_is_read_again() -> None:
     async def scenario() -> None:
         routes = router(CountingConnection())
-        await routes._read_coverage(fresh=False)
+        await routes.read_coverage(fresh=False)
         await asyncio.sleep(MAX_AGE + 0.05)
-        assert await routes._read_coverage(fresh=False) == ("map 2", False)
+        assert await routes.read_coverage(fresh=False) == ("map 2", False)
 
     asyncio.run(scenario())
 
@@ -55,7 +55,7 @@ def test_sessions_opened_together_share_one_read() -> None:
     async def scenario() -> None:
         connection = CountingConnection(delay=0.1)
         routes = router(connection)
-        maps = await asyncio.gather(*(routes._read_coverage(fresh=False) for _ in range(4)))
+        maps = await asyncio.gather(*(routes.read_coverage(fresh=False) for _ in range(4)))
         assert {coverage for coverage, _ in maps} == {"map 1"}
         assert connection.reads == 1
 

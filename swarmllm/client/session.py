@@ -68,7 +68,7 @@ class Router:
         first_hop_adapter: str | None = None,
         fresh: bool = False,
     ) -> list[Hop]:
-        coverage, was_cached = await self._read_coverage(fresh)
+        coverage, was_cached = await self.read_coverage(fresh)
         try:
             return await self._route_over(
                 coverage, start, end, min_cache_tokens, avoid, first_hop_adapter
@@ -76,12 +76,12 @@ class Router:
         except NoRouteError:
             if not was_cached:
                 raise
-        coverage, _ = await self._read_coverage(fresh=True)
+        coverage, _ = await self.read_coverage(fresh=True)
         return await self._route_over(
             coverage, start, end, min_cache_tokens, avoid, first_hop_adapter
         )
 
-    async def _read_coverage(self, fresh: bool) -> tuple[CoverageMap, bool]:
+    async def read_coverage(self, fresh: bool) -> tuple[CoverageMap, bool]:
         """The coverage map, and whether it is a recent read reused rather than a new one."""
         async with self._reading:
             if (

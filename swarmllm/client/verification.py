@@ -17,10 +17,8 @@ kept as ``VerificationEvidence``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,7 +27,7 @@ import torch
 
 from swarmllm.client.hop import HopFailure, HopStream, SessionSpec, SignedReply, signed_forward
 from swarmllm.client.routing import Hop
-from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState
+from swarmllm.dht.records import PeerRecord, PeerState
 from swarmllm.protocol import WIRE_DTYPES
 from swarmllm.security.signing import SignatureError
 
@@ -47,7 +45,6 @@ TOLERANCES: dict[torch.dtype, float] = {
     torch.float16: 3e-2,
     torch.bfloat16: 1e-1,
 }
-COVERAGE_TTL = 10.0  # seconds a coverage map read for finding verifiers is reused
 
 
 @dataclass(frozen=True)
@@ -106,8 +103,6 @@ class SpotChecker:
         # unpredictable: a peer must not know which of its replies get checked, nor by whom
         self.rng = random.SystemRandom()
         self.evidence: list[VerificationEvidence] = []
-        self._coverage: CoverageMap | None = None
-        self._coverage_read = -float("inf")
 
     async def check(
         self,
@@ -213,26 +208,13 @@ class SpotChecker:
         return usable
 
     async def _records(self, block: int) -> Mapping[str, PeerRecord]:
-        """Who announces ``block``, from a coverage map at most ``COVERAGE_TTL`` s old."""
-        coverage = await self._read_coverage()
-        return coverage.blocks[block] if coverage is not None else {}
-
-    async def _read_coverage(self) -> CoverageMap | None:
-        if time.monotonic() - self._coverage_read < COVERAGE_TTL:
-            return self._coverage
-        loop = asyncio.get_running_loop()
+        """Who announces ``block``, from the coverage map the router routes with."""
         try:
-            self._coverage = await loop.run_in_executor(
-                None,
-                self.router.connection.coverage,
-                self.router.model_id,
-                self.router.num_blocks,
-            )
+            coverage, _ = await self.router.read_coverage(fresh=False)
         except TimeoutError as e:
             logger.warning("cannot read the coverage map to find verifiers: %s", e)
-            return None
-        self._coverage_read = time.monotonic()
-        return self._coverage
+            return {}
+        return coverage.blocks[block]
 
 
 def _tolerance(
