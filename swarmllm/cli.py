@@ -90,6 +90,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_nat_port_map_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nat-port-map",
+        action="store_true",
+        help="ask the LAN's router for a port mapping (UPnP/NAT-PMP); off by default",
+    )
+
+
 def readable_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():

@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-import hivemind
 import pytest
+from dht_nodes import loopback_dht
 from hivemind.utils import get_dht_time
 
 from swarmllm.dht.announce import AnnounceError, Announcer, announce
@@ -31,14 +31,9 @@ class Swarm:
     """A reader node and two peer nodes; each test uses its own model id to stay independent."""
 
     def __init__(self) -> None:
-        self.reader = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        self.reader = loopback_dht()
         initial_peers = [str(maddr) for maddr in self.reader.get_visible_maddrs()]
-        self.peers = [
-            hivemind.DHT(
-                start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers
-            )
-            for _ in range(2)
-        ]
+        self.peers = [loopback_dht(initial_peers=initial_peers) for _ in range(2)]
         self.peer_ids = [dht.peer_id.to_base58() for dht in self.peers]
 
     def shutdown(self) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-import hivemind
 import pytest
+from dht_nodes import loopback_dht
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import crypto_pb2
 
@@ -115,7 +115,7 @@ def test_malformed_peer_ids(peer_id: str, problem: str) -> None:
 def test_peer_id_matches_hivemind(tmp_path: Path) -> None:
     path = tmp_path / "peer.key"
     key = load_or_create_identity(path)
-    dht = hivemind.DHT(identity_path=str(path), host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    dht = loopback_dht(identity_path=str(path))
     try:
         assert dht.peer_id.to_base58() == peer_id_of(key)
     finally:

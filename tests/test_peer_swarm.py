@@ -183,6 +183,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_no_node_of_a_local_swarm_maps_ports_on_the_lan(swarm, connection):
+    """hivemind's p2pd defaults to UPnP/NAT-PMP discovery on the LAN: the bootstrap node, every
+    peer and the client must all start their daemon with it off."""
+    daemons = []
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().decode().split("\0")
+        except FileNotFoundError:
+            continue
+        if argv and os.path.basename(argv[0]) == "p2pd":
+            daemons.append(argv)
+    assert len(daemons) >= len(swarm.peers) + 2  # peers, bootstrap, this test's client
+    for argv in daemons:
+        assert "-natPortMap=0" in argv, argv
+
+
 def test_a_peer_killed_with_sigkill_leaves_no_process_behind(llama, tmp_path):
     with LocalSwarm(1, source=llama, workdir=tmp_path) as swarm:
         swarm.wait_until_ready(timeout=120)

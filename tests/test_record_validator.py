@@ -9,6 +9,7 @@ from functools import partial
 import hivemind
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from dht_nodes import loopback_dht
 from hivemind.dht.node import DHTID, DHTNode
 from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.p2p import PeerID
@@ -125,20 +126,17 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     folder = tmp_path_factory.mktemp("identities")
     key_a = load_or_create_identity(folder / "a.key")
     key_b = load_or_create_identity(folder / "b.key")
-    common = {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "start": True}
-    a = hivemind.DHT(
+    a = loopback_dht(
         identity_path=str(folder / "a.key"),
         record_validators=[PeerIdSignatureValidator(key_a)],
-        **common,
     )
     try:
-        b = hivemind.DHT(
+        b = loopback_dht(
             identity_path=str(folder / "b.key"),
             initial_peers=[str(maddr) for maddr in a.get_visible_maddrs()],
             # hivemind's identity check reads the file as RSA and fails on Ed25519 keys
             check_if_identity_free=False,
             record_validators=[PeerIdSignatureValidator(key_b)],
-            **common,
         )
     except BaseException:
         a.shutdown()

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import hivemind
 import pytest
 import torch
 from cli_runner import run_cli
+from dht_nodes import loopback_dht
 from hivemind.utils import get_dht_time
 from transformers import AutoModelForCausalLM
 
@@ -151,7 +151,7 @@ def test_a_forged_record_for_a_running_peer_is_rejected(
     forged = PeerRecord(PeerState.ONLINE, 0, 1, 1e9, 10**9, "forged", "float32").to_bytes()
     key = block_key(llama.model_id, 0)
     # an attacker's node: a plain hivemind DHT with its own key and no validators of ours
-    forger = hivemind.DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True)
+    forger = loopback_dht(initial_peers=swarm.initial_peers, client_mode=True)
     try:
         # control: the same node can store a record nobody owns, so a refusal below is the
         # validators' doing

@@ -8,7 +8,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from swarmllm.cli import multiaddr
+from swarmllm.cli import add_nat_port_map_flag, multiaddr
 
 
 def add_dht_command(commands: argparse._SubParsersAction) -> None:
@@ -18,6 +18,7 @@ def add_dht_command(commands: argparse._SubParsersAction) -> None:
         "--host-maddrs", nargs="+", type=multiaddr, default=["/ip4/0.0.0.0/tcp/31337"]
     )
     parser.add_argument("--announce-maddrs", nargs="*", type=multiaddr, default=[])
+    add_nat_port_map_flag(parser)
     parser.add_argument(
         "--identity", type=Path, help="key file (created if missing) that keeps the address stable"
     )
@@ -37,6 +38,7 @@ def run_dht(args: argparse.Namespace) -> None:
             initial_peers=args.initial_peers,
             host_maddrs=args.host_maddrs,
             announce_maddrs=args.announce_maddrs or None,
+            nat_port_map=args.nat_port_map,
             start=True,
         )
         try:

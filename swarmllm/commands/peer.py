@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from swarmllm.cli import block_range, multiaddr, positive_int, readable_file
+from swarmllm.cli import add_nat_port_map_flag, block_range, multiaddr, positive_int, readable_file
 
 # --flag -> RequestLimits field; unset flags keep RequestLimits' defaults
 LIMIT_FLAGS = {
@@ -33,6 +33,7 @@ def add_peer_command(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--host-maddrs", nargs="+", type=multiaddr, default=["/ip4/0.0.0.0/tcp/0"])
     parser.add_argument("--announce-maddrs", nargs="*", type=multiaddr, default=[])
+    add_nat_port_map_flag(parser)
     parser.add_argument("--cache-tokens", type=positive_int, default=16384, help="KV cache budget")
     parser.add_argument("--max-sessions", type=positive_int, default=32)
     parser.add_argument("--public-name", default="", help="a name shown in `swarmllm status`")
@@ -92,6 +93,7 @@ def run_peer_command(args: argparse.Namespace) -> None:
         identity=args.identity,
         host_maddrs=args.host_maddrs,
         announce_maddrs=args.announce_maddrs,
+        nat_port_map=args.nat_port_map,
         cache_tokens=args.cache_tokens,
         max_sessions=args.max_sessions,
         public_name=args.public_name,

@@ -42,14 +42,21 @@ class _OwnedDHT(hivemind.DHT):
         os.kill(os.getpid(), signal.SIGKILL)  # the p2p daemon then ends on its own
 
 
-def swarm_dht(identity_path: Path, key: Ed25519PrivateKey, **options: Any) -> hivemind.DHT:
+def swarm_dht(
+    identity_path: Path, key: Ed25519PrivateKey, *, nat_port_map: bool = False, **options: Any
+) -> hivemind.DHT:
     """A DHT node whose libp2p identity is ``key`` (stored at ``identity_path``), storing only
     records their owners signed; its process ends with ours. ``options`` go to
-    ``hivemind.DHT`` as they are."""
+    ``hivemind.DHT`` as they are.
+
+    ``nat_port_map`` is off unless asked for: hivemind's default (on) makes p2pd send UPnP and
+    NAT-PMP discovery to the LAN, which a local swarm or a test must never do.
+    """
     return _OwnedDHT(
         identity_path=str(identity_path),
         check_if_identity_free=False,  # hivemind reads the key as RSA here; ours is Ed25519
         record_validators=[PeerIdSignatureValidator(key)],
+        nat_port_map=nat_port_map,
         **options,
     )
 

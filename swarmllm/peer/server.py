@@ -44,6 +44,7 @@ class PeerSettings:
     identity: Path | None = None
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     announce_maddrs: list[str] = field(default_factory=list)
+    nat_port_map: bool = False  # UPnP/NAT-PMP on the LAN: only when the volunteer asks for it
     cache_tokens: int = 16384
     max_sessions: int = 32
     public_name: str = ""
@@ -89,6 +90,7 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
             initial_peers=settings.initial_peers,
             host_maddrs=settings.host_maddrs,
             announce_maddrs=settings.announce_maddrs or None,
+            nat_port_map=settings.nat_port_map,
             start=True,
         )
         announcer: Announcer | None = None
