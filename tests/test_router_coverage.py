@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 from swarmllm.client.bans import BanList
-from swarmllm.client.session import Router
+from swarmllm.client.router import Router
 
 MAX_AGE = 0.5
 

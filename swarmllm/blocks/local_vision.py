@@ -17,9 +17,8 @@ from swarmllm.blocks.vision import (
     ImageEncoder,
     ImageLike,
     VisionAdapter,
-    load_adapter,
-    load_image_encoder,
 )
+from swarmllm.blocks.vision_factory import load_adapter, load_image_encoder
 
 if TYPE_CHECKING:
     from swarmllm.blocks.sources import ModelSource

@@ -28,7 +28,6 @@ from torch import nn
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from swarmllm.blocks.sources import ModelSource
 
 ADAPTER_BLOCK = "vision"  # the adapter's DHT block name: key ``{model_id}.vision``
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -149,25 +148,3 @@ def load_image(path: str | Path) -> Image.Image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise ImageError(f"cannot read image {path}: {e}") from e
-
-
-def load_adapter(source: ModelSource) -> VisionAdapter | None:
-    """The model's adapter block, or None for a text-only model."""
-    from swarmllm.blocks import llava, shapes
-
-    if source.multimodal_config is not None:
-        return llava.load_projector(source)
-    if shapes.serves(source):
-        return shapes.load_projector(source)
-    return None
-
-
-def load_image_encoder(source: ModelSource) -> ImageEncoder | None:
-    """The client's image encoder for the model, or None for a text-only model."""
-    from swarmllm.blocks import llava, shapes
-
-    if source.multimodal_config is not None:
-        return llava.LlavaImageEncoder.load(source)
-    if shapes.serves(source):
-        return shapes.ShapesImageEncoder.load(source)
-    return None

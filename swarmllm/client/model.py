@@ -18,16 +18,17 @@ from swarmllm.blocks.vision import (
     ImageError,
     ImageInputs,
     ImageLike,
-    load_image_encoder,
 )
+from swarmllm.blocks.vision_factory import load_image_encoder
 from swarmllm.client.bans import BanList
 from swarmllm.client.concurrent import generate_concurrently
 from swarmllm.client.connection import SwarmConnection
 from swarmllm.client.generation import GenerationConfig, generate_tokens
 from swarmllm.client.hop import SessionSpec
 from swarmllm.client.profile import Profile, measure, phase_of
+from swarmllm.client.router import Router
 from swarmllm.client.routing import Hop
-from swarmllm.client.session import InferenceSession, Router
+from swarmllm.client.session import InferenceSession
 from swarmllm.client.verification import SpotChecker, VerificationEvidence
 from swarmllm.protocol import WIRE_DTYPES
 

@@ -32,7 +32,7 @@ from swarmllm.protocol import WIRE_DTYPES
 from swarmllm.security.signing import SignatureError
 
 if TYPE_CHECKING:
-    from swarmllm.client.session import Router
+    from swarmllm.client.router import Router
 
 logger = logging.getLogger("swarmllm.client")
 

@@ -8,7 +8,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from swarmllm.cli import add_nat_port_map_flag, multiaddr
+from swarmllm.commands.arguments import add_nat_port_map_flag, multiaddr
 
 
 def add_dht_command(commands: argparse._SubParsersAction) -> None:

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from swarmllm.cli import multiaddr, positive_int, readable_file
+from swarmllm.commands.arguments import multiaddr, positive_int, readable_file
 
 
 def add_generate_command(commands: argparse._SubParsersAction) -> None:

@@ -6,7 +6,13 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from swarmllm.cli import add_nat_port_map_flag, block_range, multiaddr, positive_int, readable_file
+from swarmllm.commands.arguments import (
+    add_nat_port_map_flag,
+    block_range,
+    multiaddr,
+    positive_int,
+    readable_file,
+)
 
 # --flag -> RequestLimits field; unset flags keep RequestLimits' defaults
 LIMIT_FLAGS = {

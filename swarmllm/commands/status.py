@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from swarmllm.cli import multiaddr
+from swarmllm.commands.arguments import multiaddr
 
 
 def add_status_command(commands: argparse._SubParsersAction) -> None:

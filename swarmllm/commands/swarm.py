@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from swarmllm.cli import positive_int
+from swarmllm.commands.arguments import positive_int
 
 
 def add_swarm_command(commands: argparse._SubParsersAction) -> None:

@@ -17,7 +17,8 @@ import torch
 import swarmllm
 from swarmllm.blocks.sources import ModelSource, cache_root
 from swarmllm.blocks.span import BlockSpan
-from swarmllm.blocks.vision import ADAPTER_BLOCK, load_adapter
+from swarmllm.blocks.vision import ADAPTER_BLOCK
+from swarmllm.blocks.vision_factory import load_adapter
 from swarmllm.dht.announce import Announcer
 from swarmllm.dht.coverage import get_coverage
 from swarmllm.dht.node import swarm_dht

@@ -1,0 +1,109 @@
+"""The client's router: routes over the live coverage map, skipping banned and busy peers.
+
+``routing.find_route`` is the pure choice of a chain; this module feeds it a coverage map read
+from the DHT (reused for a while) and the RTTs the connection has measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Collection
+
+from swarmllm.client.bans import BanList
+from swarmllm.client.connection import SwarmConnection
+from swarmllm.client.routing import Hop, NoRouteError, find_route
+from swarmllm.dht.records import CoverageMap
+
+# Seconds a coverage map serves new routes. A read is a DHT lookup of every block's key: tens
+# of ms, and CPU on every DHT node that answers. A route through a peer that has left since
+# fails and reads the map again, so it need not be fresher (Petals refreshes every 60 s).
+COVERAGE_MAX_AGE = 30.0
+
+
+class Router:
+    """Finds routes over the live coverage map, avoiding banned and busy peers.
+
+    A coverage map read less than ``max_age`` seconds ago serves new routes (sessions
+    opened together share one DHT read, and opening a session skips it); a route that fails
+    on it, and every retry (``fresh``), reads the map again.
+    """
+
+    def __init__(
+        self,
+        connection: SwarmConnection,
+        model_id: str,
+        num_blocks: int,
+        bans: BanList,
+        allowed: Collection[str] | None = None,
+        max_age: float = COVERAGE_MAX_AGE,
+    ):
+        self.connection, self.model_id, self.num_blocks = connection, model_id, num_blocks
+        self.bans, self.allowed, self.max_age = bans, allowed, max_age
+        self._coverage: tuple[float, CoverageMap] | None = None  # (read at, map)
+        self._reading = asyncio.Lock()
+
+    async def route(
+        self,
+        start: int,
+        end: int,
+        *,
+        min_cache_tokens: int,
+        avoid: Collection[str] = (),
+        first_hop_adapter: str | None = None,
+        fresh: bool = False,
+    ) -> list[Hop]:
+        coverage, was_cached = await self.read_coverage(fresh)
+        try:
+            return await self._route_over(
+                coverage, start, end, min_cache_tokens, avoid, first_hop_adapter
+            )
+        except NoRouteError:
+            if not was_cached:
+                raise
+        coverage, _ = await self.read_coverage(fresh=True)
+        return await self._route_over(
+            coverage, start, end, min_cache_tokens, avoid, first_hop_adapter
+        )
+
+    async def read_coverage(self, fresh: bool) -> tuple[CoverageMap, bool]:
+        """The coverage map, and whether it is a recent read reused rather than a new one."""
+        async with self._reading:
+            if (
+                not fresh
+                and self._coverage is not None
+                and time.monotonic() - self._coverage[0] < self.max_age
+            ):
+                return self._coverage[1], True
+            loop = asyncio.get_running_loop()
+            coverage = await loop.run_in_executor(
+                None, self.connection.coverage, self.model_id, self.num_blocks
+            )
+            self._coverage = (time.monotonic(), coverage)
+            return coverage, False
+
+    async def _route_over(
+        self,
+        coverage: CoverageMap,
+        start: int,
+        end: int,
+        min_cache_tokens: int,
+        avoid: Collection[str],
+        first_hop_adapter: str | None,
+    ) -> list[Hop]:
+        unmeasured = [p for p in coverage.peers() if p not in self.connection.rtt]
+        if unmeasured:
+            await self.connection.ping_all(unmeasured)
+            for peer_id in unmeasured:  # a record can outlive its peer until it expires
+                if peer_id not in self.connection.rtt:
+                    self.bans.ban(peer_id, "did not answer a ping")
+        return find_route(
+            coverage,
+            start=start,
+            end=end,
+            rtt=self.connection.rtt,
+            banned=self.bans.banned() | set(avoid),
+            allowed=self.allowed,
+            min_cache_tokens=min_cache_tokens,
+            first_hop_adapter=first_hop_adapter,
+        )
