@@ -143,9 +143,11 @@ class LinkEmulator:
             asyncio.create_task(self._pipe(node_reader, client_writer, link, inbound=False)),
         ]
         # both sides closing in turn ends both pipes; a reset on either side ends the other too
-        _, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_EXCEPTION)
+        done, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_EXCEPTION)
         for task in pending:
             task.cancel()
+        for task in done:
+            task.exception()  # a reset is how a link sees a node go away: not an error here
         for writer in (client_writer, node_writer):
             writer.close()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from swarmllm.blocks.sources import ModelSource, resolve_model
 from swarmllm.dht.records import CoverageMap, PeerState
+from swarmllm.links import EmulatedLink, LinkEmulator, LinkProfile
 from swarmllm.security.identity import create_identity, peer_id_of
 
 HOST = "127.0.0.1"
@@ -40,6 +41,7 @@ class PeerProcess:
     blocks: tuple[int, int] | None
     process: subprocess.Popen
     log_path: Path
+    link: EmulatedLink | None = None  # the emulated link every connection to it crosses
 
     @property
     def pid(self) -> int:
@@ -80,7 +82,11 @@ class LocalSwarm:
         workdir: Path | None = None,
         peer_args: Sequence[str] = (),
         source: ModelSource | None = None,
+        link: LinkProfile | None = None,
     ):
+        """``link``: put the bootstrap node and every peer behind an emulated link (each listens
+        on a private port and announces only its link's port), so that every connection, client
+        to peer and peer to peer, crosses one link with that delay and bandwidth."""
         if num_peers < 0 or replicas < 1 or num_peers % replicas:
             raise ValueError(f"--peers ({num_peers}) must be a multiple of --replicas ({replicas})")
         self.num_peers, self.replicas, self.peer_args = num_peers, replicas, list(peer_args)
@@ -90,6 +96,8 @@ class LocalSwarm:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="swarmllm-swarm-"))
         self.bootstrap: PeerProcess | None = None
         self.peers: list[PeerProcess] = []
+        self.link = link
+        self._links = LinkEmulator() if link is not None else None
 
     @property
     def initial_peers(self) -> list[str]:
@@ -123,12 +131,15 @@ class LocalSwarm:
         identity = self.workdir / f"{name}.key"
         peer_id = peer_id_of(create_identity(identity))
         args = ["peer", "--initial-peers", *self.initial_peers, "--identity", str(identity)]
-        args += ["--host-maddrs", f"/ip4/{HOST}/tcp/0", "--public-name", name]
+        listen, announce, link = self._addresses()
+        args += ["--host-maddrs", listen, *(["--announce-maddrs", announce] if link else [])]
+        args += ["--public-name", name]
         args += ["--model", str(self.source.path)] if self.source else []
         if blocks is not None:
             args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
         args += [*self.peer_args, *extra_args]
         peer = self._spawn(name, peer_id, blocks, args, launcher)
+        peer.link = link
         self.peers.append(peer)
         return peer
 
@@ -183,6 +194,9 @@ class LocalSwarm:
                 proc.process.kill()
                 proc.process.wait(timeout=5)
         self.peers, self.bootstrap = [], None
+        if self._links is not None:
+            self._links.close()
+            self._links = None
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -200,12 +214,23 @@ class LocalSwarm:
     def _start_bootstrap(self) -> None:
         identity = self.workdir / "bootstrap.key"
         peer_id = peer_id_of(create_identity(identity))
-        port = free_port()
-        maddr = f"/ip4/{HOST}/tcp/{port}"
-        self._bootstrap_maddr = f"{maddr}/p2p/{peer_id}"
-        args = ["dht", "--identity", str(identity), "--host-maddrs", maddr]
+        listen, announce, link = self._addresses(free_port())
+        self._bootstrap_maddr = f"{announce}/p2p/{peer_id}"
+        args = ["dht", "--identity", str(identity), "--host-maddrs", listen]
+        args += ["--announce-maddrs", announce] if link else []
         self.bootstrap = self._spawn("bootstrap", peer_id, None, args)
-        self._wait_for_port(port, BOOTSTRAP_TIMEOUT)
+        self.bootstrap.link = link
+        self._wait_for_port(int(listen.rsplit("/", 1)[1]), BOOTSTRAP_TIMEOUT)
+
+    def _addresses(self, port: int = 0) -> tuple[str, str, EmulatedLink | None]:
+        """A node's listen and announced multiaddrs, and the link between them if any (port 0:
+        any free port; a link needs to know the port it forwards to, so it picks one)."""
+        if self._links is None:
+            listen = f"/ip4/{HOST}/tcp/{port}"
+            return listen, listen, None
+        port = port or free_port()
+        link = self._links.add(port, self.link)  # type: ignore[arg-type]  # set with _links
+        return f"/ip4/{HOST}/tcp/{port}", f"/ip4/{HOST}/tcp/{link.port}", link
 
     def _wait_for_port(self, port: int, timeout: float) -> None:
         """Peers can only join once the bootstrap node listens."""

@@ -21,16 +21,30 @@ def add_swarm_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--ask", metavar="PROMPT", help="ask the swarm one chat question, print the answer, stop"
     )
+    links = parser.add_argument_group(
+        "emulated links", "put every node behind a delaying forwarder, as if peers were far apart"
+    )
+    links.add_argument("--link-delay-ms", type=float, default=0.0, help="one-way delay")
+    links.add_argument("--link-jitter-ms", type=float, default=0.0, help="± uniform jitter")
+    links.add_argument("--link-mbps", type=float, help="bandwidth cap per link and direction")
     parser.set_defaults(handler=run_swarm)
 
 
 def run_swarm(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    from swarmllm.links import LinkProfile
     from swarmllm.swarm import LocalSwarm
 
+    link = LinkProfile(args.link_delay_ms, args.link_jitter_ms, args.link_mbps)
     started = time.monotonic()
-    with LocalSwarm(args.peers, args.model, replicas=args.replicas, workdir=args.workdir) as swarm:
+    with LocalSwarm(
+        args.peers,
+        args.model,
+        replicas=args.replicas,
+        workdir=args.workdir,
+        link=link if link.emulates_anything else None,
+    ) as swarm:
         print(f"logs: {swarm.workdir}")
         with tqdm(total=len(swarm.peers), desc="peers online", unit="peer") as bar:
 
