@@ -124,7 +124,7 @@ class LocalSwarm:
         peer_id = peer_id_of(create_identity(identity))
         args = ["peer", "--initial-peers", *self.initial_peers, "--identity", str(identity)]
         args += ["--host-maddrs", f"/ip4/{HOST}/tcp/0", "--public-name", name]
-        args += ["--model", str(self.source.path)] if self.source else []
+        args += ["--model", self.source.ref] if self.source else []
         if blocks is not None:
             args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
         args += [*self.peer_args, *extra_args]

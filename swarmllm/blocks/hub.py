@@ -49,16 +49,11 @@ class HubSnapshot:
     def fetch(self, file: str) -> Path:
         """The local copy of ``file`` of this commit, downloaded unless the cache has it."""
         try:
-            return Path(
-                huggingface_hub.hf_hub_download(
-                    self.repo_id, file, revision=self.commit, local_files_only=self.offline
-                )
-            )
+            return _hub_download(self.repo_id, self.commit, file, self.offline)
         except _HUB_ERRORS as exc:
             raise ModelSourceError(
                 f"weight file {file} of {self.repo_id}@{self.commit[:12]} is not in the hub "
-                f"cache ({huggingface_hub.constants.HF_HUB_CACHE}) and cannot be downloaded: "
-                f"{_first_line(exc)}"
+                f"cache ({cache_dir()}) and cannot be downloaded: {_first_line(exc)}"
             ) from exc
 
 
@@ -71,7 +66,7 @@ def open_snapshot(repo_id: str, revision: str | None, manifests: Path) -> HubSna
     if is_offline():
         return _cached_snapshot(repo_id, revision, manifests)
     try:
-        info = huggingface_hub.HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        info = _api().model_info(repo_id, revision=revision, files_metadata=True)
     except _HUB_ERRORS as exc:
         if _is_not_found(exc):
             raise ModelSourceError(
@@ -92,13 +87,31 @@ def open_snapshot(repo_id: str, revision: str | None, manifests: Path) -> HubSna
     assert path is not None
     manifest = _manifest_from_hub(repo_id, commit, path, siblings)
     _save_record(manifests, repo_id, commit, manifest, metadata_files)
+    _ref_path(manifests, repo_id, revision).write_text(commit)  # for offline use
     return HubSnapshot(repo_id, commit, path, manifest, offline=False)
 
 
+# huggingface_hub reads HF_HUB_OFFLINE, HF_ENDPOINT and HF_HOME once, at import; these honour
+# them when set later too (a process that configures itself after importing transformers).
 def is_offline() -> bool:
-    # huggingface_hub reads HF_HUB_OFFLINE once at import; honour it when set later too.
     flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     return huggingface_hub.constants.HF_HUB_OFFLINE or flag
+
+
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or huggingface_hub.constants.ENDPOINT
+
+
+def cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(huggingface_hub.constants.HF_HUB_CACHE)
+
+
+def _api() -> huggingface_hub.HfApi:
+    return huggingface_hub.HfApi(endpoint=endpoint())
 
 
 def _manifest_from_hub(repo_id: str, commit: str, path: Path, siblings: dict) -> Manifest:
@@ -140,11 +153,17 @@ def _cached_snapshot(
     repo_id: str, revision: str | None, manifests: Path, reason: str = "offline mode"
 ) -> HubSnapshot:
     """The commit of ``revision`` already in the hub cache, with the manifest recorded for it."""
-    config = huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    try:
+        commit = _ref_path(manifests, repo_id, revision).read_text().strip()
+    except OSError:
+        commit = revision or "main"  # a commit hash, or a ref the hub cache may know
+    config = huggingface_hub.try_to_load_from_cache(
+        repo_id, "config.json", cache_dir=cache_dir(), revision=commit
+    )
     if not isinstance(config, str):
         raise ModelSourceError(
             f"cannot download {repo_id!r} from the Hugging Face hub ({reason}) and the hub "
-            f"cache ({huggingface_hub.constants.HF_HUB_CACHE}) does not hold it. Fetch it once "
+            f"cache ({cache_dir()}) does not hold it. Fetch it once "
             "with a connection, or download it elsewhere and pass the local directory with "
             "--model /path/to/dir"
         )
@@ -169,13 +188,23 @@ def _cached_snapshot(
     return HubSnapshot(repo_id, commit, path, manifest, offline=True)
 
 
+def _hub_download(repo_id: str, commit: str, name: str, offline: bool) -> Path:
+    """``hf_hub_download``: reuses the cache, resumes partial files, shows a bytes bar."""
+    return Path(
+        huggingface_hub.hf_hub_download(
+            repo_id,
+            name,
+            revision=commit,
+            cache_dir=cache_dir(),
+            endpoint=endpoint(),
+            local_files_only=offline,
+        )
+    )
+
+
 def _download(repo_id: str, commit: str, name: str, offline: bool) -> Path:
     try:
-        return Path(
-            huggingface_hub.hf_hub_download(
-                repo_id, name, revision=commit, local_files_only=offline
-            )
-        )
+        return _hub_download(repo_id, commit, name, offline)
     except _HUB_ERRORS as exc:
         raise ModelSourceError(
             f"cannot fetch {name} of {repo_id}@{commit[:12]}: {_first_line(exc)}"
@@ -187,10 +216,17 @@ def _save_record(
 ) -> None:
     record = {"manifest": manifest.to_json(), "metadata_files": metadata_files}
     write_json_atomic(_record_path(manifests, repo_id, commit), record)
+    _ref_path(manifests, repo_id, None).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _record_path(manifests: Path, repo_id: str, commit: str) -> Path:
     return manifests / repo_id.replace("/", "--") / f"{commit}.json"
+
+
+def _ref_path(manifests: Path, repo_id: str, revision: str | None) -> Path:
+    """Where the commit that ``revision`` last resolved to is kept."""
+    name = (revision or "main").replace("/", "--")
+    return manifests / repo_id.replace("/", "--") / "refs" / name
 
 
 def _is_metadata(name: str) -> bool:
