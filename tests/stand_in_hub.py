@@ -62,6 +62,8 @@ class Repo:
 class StandInHub:
     repos: dict[str, Repo] = field(default_factory=dict)
     log: list[Request] = field(default_factory=list)
+    # file -> bytes: the next full GET of that file drops the connection after so many bytes
+    cut_once: dict[str, int] = field(default_factory=dict)
 
     def add_repo(self, repo_id: str, directory: Path) -> str:
         """Publish every file of ``directory`` as ``repo_id`` at a new commit; returns it."""
@@ -162,6 +164,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers["X-Linked-Size"] = str(len(content))
         status, part = 200, content
         wanted = self.headers.get("Range")
+        if body and not wanted and name in self.stand_in.cut_once:
+            return self._send_cut(content, self.stand_in.cut_once.pop(name), headers, label, path)
         match = _RANGE.fullmatch(wanted.strip()) if wanted else None
         if match and body:
             first, last = match.groups()
@@ -178,6 +182,21 @@ class _Handler(BaseHTTPRequestHandler):
             status, part = 206, content[start : end + 1]
             headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
         self._send(status, part, label, body, path, name, headers=headers, range_=wanted)
+
+    def _send_cut(
+        self, content: bytes, cut: int, headers: dict[str, str], label: str, path: str
+    ) -> None:
+        """Promise the whole file, send ``cut`` bytes of it, then drop the connection."""
+        self.send_response(200)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content[:cut])
+        self.wfile.flush()
+        self.close_connection = True
+        file = path.rsplit("/", 1)[-1]
+        self.stand_in.log.append(Request(label, "GET", path, file, None, 200, cut))
 
     def _send(
         self,

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from cli_runner import run_cli
@@ -221,3 +222,20 @@ def test_manifest_command_on_a_complete_directory(checkpoint, tmp_path):
     manifest = json.loads((copy / MANIFEST_FILE).read_text())
     assert set(manifest["files"]) == _weights(checkpoint)
     assert set(SHARDS.values()) <= set(manifest["files"])
+
+
+def test_interrupted_download_resumes_where_it_stopped(hub, as_process, monkeypatch):
+    as_process("resumed")
+    # huggingface_hub writes what it received in chunks of this size (10 MB by default)
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
+    source = resolve_model(REPO)
+    size = source.weight_files().manifest.files[HEAD].size
+    cut = size // 3
+    hub.cut_once[HEAD] = cut  # the connection drops a third of the way through
+    ModelHead.from_weights(source.config, source.weight_files())  # verified after resuming
+    first, second = [
+        r for r in hub.log if r.label == "resumed" and r.file == HEAD and r.method == "GET"
+    ]
+    assert (first.range, first.body_bytes) == (None, cut)
+    resumed_at = int(second.range.removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= cut and second.body_bytes == size - resumed_at
