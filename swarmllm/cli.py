@@ -1,4 +1,5 @@
-"""The ``swarmllm`` command: ``peer``, ``dht``, ``generate``, ``swarm``, ``status``, ``keygen``."""
+"""The ``swarmllm`` command: ``peer``, ``dht``, ``generate``, ``swarm``, ``status``, ``keygen``,
+``manifest``."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_dht_command,
         add_generate_command,
         add_keygen_command,
+        add_manifest_command,
         add_peer_command,
         add_status_command,
         add_swarm_command,
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_swarm_command,
         add_status_command,
         add_keygen_command,
+        add_manifest_command,
     ):
         add(commands)
     return parser

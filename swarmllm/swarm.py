@@ -134,7 +134,7 @@ class LocalSwarm:
         listen, announce, link = self._addresses()
         args += ["--host-maddrs", listen, *(["--announce-maddrs", announce] if link else [])]
         args += ["--public-name", name]
-        args += ["--model", str(self.source.path)] if self.source else []
+        args += ["--model", self.source.ref] if self.source else []
         if blocks is not None:
             args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
         args += [*self.peer_args, *extra_args]

@@ -15,7 +15,7 @@ import torch
 from model_factory import COMMON
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from swarmllm.blocks import embedded, sources
+from swarmllm.blocks import digests, embedded, sources
 from swarmllm.blocks.sources import ModelSourceError, cache_root, resolve_model
 
 TINY_LLAMA = {**COMMON, "num_hidden_layers": 4}
@@ -42,7 +42,7 @@ def test_local_directory_resolves_to_a_stable_content_id(tmp_path, monkeypatch):
     model_dir = save_tiny_llama(tmp_path / "tiny-llama")
     source = resolve_model(str(model_dir))
     assert source.name == "tiny-llama"
-    assert re.fullmatch(r"tiny-llama-[0-9a-f]{12}", source.model_id)
+    assert re.fullmatch(r"llama-[0-9a-f]{20}", source.model_id)
     assert source.config.model_type == "llama" and source.config.num_hidden_layers == 4
     weights = source.weight_files()
     assert "model.layers.3.mlp.down_proj.weight" in weights
@@ -52,7 +52,7 @@ def test_local_directory_resolves_to_a_stable_content_id(tmp_path, monkeypatch):
     def no_hashing(path):
         raise AssertionError(f"{path} was hashed again")
 
-    monkeypatch.setattr(sources, "file_digest", no_hashing)
+    monkeypatch.setattr(digests, "file_digest", no_hashing)
     assert resolve_model(model_dir).model_id == source.model_id
 
 
@@ -84,7 +84,8 @@ def test_hub_cache_snapshot_is_named_after_its_repo(tmp_path):
     snapshot = tmp_path / "hub" / "models--some-org--tiny" / "snapshots" / "0123abcd"
     source = resolve_model(save_tiny_llama(snapshot))
     assert source.name == "some-org/tiny"
-    assert re.fullmatch(r"some-org--tiny-[0-9a-f]{12}", source.model_id)
+    # the id names no folder: the same weights anywhere else have the same id
+    assert source.model_id == resolve_model(save_tiny_llama(tmp_path / "elsewhere")).model_id
 
 
 @pytest.mark.parametrize(
@@ -206,7 +207,7 @@ def test_embedded_cache_converts_once(fake_gguf, cache, monkeypatch):
     second = resolve_model("smollm2-135m")
     assert converter.calls == 1
     assert first.model_id == second.model_id
-    assert first.model_id.startswith(f"{embedded.EMBEDDED_NAME}-")
+    assert first.model_id.startswith("llama-") and first.name == embedded.EMBEDDED_NAME
     assert json.loads((first.path / "swarmllm.json").read_text())["model_id"] == first.model_id
     assert embedded_dirs(cache) == [first.path.name]
 

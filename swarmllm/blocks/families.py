@@ -8,45 +8,43 @@ checkpoints (LLaVA) wrap such a language model under another prefix (``weight_na
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.models.llama import modeling_llama
-from transformers.models.mistral import modeling_mistral
-from transformers.models.qwen2 import modeling_qwen2
-from transformers.models.qwen3 import modeling_qwen3
 
 
 @dataclass(frozen=True)
 class Family:
-    decoder_layer: type[nn.Module]
-    rotary_embedding: type[nn.Module]
-    norm: type[nn.Module]
+    """A family's classes, imported on first use: a peer imports only its model's modeling
+    module, not every family's."""
+
+    module: str  # the transformers modeling module
+    prefix: str  # its classes' common prefix: ``{prefix}DecoderLayer``, ...
+
+    @property
+    def decoder_layer(self) -> type[nn.Module]:
+        return self._class("DecoderLayer")
+
+    @property
+    def rotary_embedding(self) -> type[nn.Module]:
+        return self._class("RotaryEmbedding")
+
+    @property
+    def norm(self) -> type[nn.Module]:
+        return self._class("RMSNorm")
+
+    def _class(self, suffix: str) -> type[nn.Module]:
+        return getattr(importlib.import_module(self.module), f"{self.prefix}{suffix}")
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family(
-        modeling_llama.LlamaDecoderLayer,
-        modeling_llama.LlamaRotaryEmbedding,
-        modeling_llama.LlamaRMSNorm,
-    ),
-    "mistral": Family(
-        modeling_mistral.MistralDecoderLayer,
-        modeling_mistral.MistralRotaryEmbedding,
-        modeling_mistral.MistralRMSNorm,
-    ),
-    "qwen2": Family(
-        modeling_qwen2.Qwen2DecoderLayer,
-        modeling_qwen2.Qwen2RotaryEmbedding,
-        modeling_qwen2.Qwen2RMSNorm,
-    ),
-    "qwen3": Family(
-        modeling_qwen3.Qwen3DecoderLayer,
-        modeling_qwen3.Qwen3RotaryEmbedding,
-        modeling_qwen3.Qwen3RMSNorm,
-    ),
+    "llama": Family("transformers.models.llama.modeling_llama", "Llama"),
+    "mistral": Family("transformers.models.mistral.modeling_mistral", "Mistral"),
+    "qwen2": Family("transformers.models.qwen2.modeling_qwen2", "Qwen2"),
+    "qwen3": Family("transformers.models.qwen3.modeling_qwen3", "Qwen3"),
 }
 
 # Vision-language wrappers whose language model is one of FAMILIES (its ``text_config``).

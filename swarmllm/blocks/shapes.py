@@ -251,7 +251,7 @@ def serves(source: ModelSource) -> bool:
 
 def adapter_name(path: Path = ASSET_PATH) -> str:
     """``vision-<digest of the asset>``: peer and client must hold the same trained pair."""
-    from swarmllm.blocks.sources import file_digest
+    from swarmllm.blocks.digests import file_digest
 
     return f"{ADAPTER_BLOCK}-{file_digest(path)[:12]}"
 

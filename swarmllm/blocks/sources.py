@@ -1,65 +1,80 @@
-"""Resolving a model reference (embedded default, local directory or hub id) to verified files.
+"""Resolving a model reference (embedded default, local directory or hub id) to a source.
 
 Every peer and client of one swarm must agree on ``model_id``, so it is derived from the
-content of the weights and the config, never from where the files happen to live.
+config and the weights' manifest (each file's sha256), never from where the files happen to
+live or what the folder is called. Resolving reads metadata only; each weight file is found
+(or fetched from the hub) and verified when a process loads a tensor from it, so a peer holds
+the shards of its span and a client those of its embeddings and head.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import huggingface_hub
-from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from swarmllm.blocks import embedded
+from swarmllm.blocks import embedded, hub
+from swarmllm.blocks.digests import (
+    FileHashes,
+    LockTimeoutError,
+    config_digest,
+    file_digest,
+    locked,
+)
+from swarmllm.blocks.digests import write_json_atomic as _write_json_atomic
+from swarmllm.blocks.errors import ModelSourceError
 from swarmllm.blocks.families import FAMILIES, MULTIMODAL_TYPES
+from swarmllm.blocks.manifest import MANIFEST_FILE, FileEntry, Manifest, read_manifest
+from swarmllm.blocks.weight_files import WeightFiles
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES)) + MULTIMODAL_TYPES
 EMBEDDED_ALIASES = ("embedded", "smollm2-135m")
-# "model*.safetensors", the files transformers loads: some repos add a second copy of the
-# weights in another layout (Mistral's consolidated.safetensors).
-HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer*", "*.model", "*.txt"]
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Like transformers, only model.safetensors or the shards of its index count: some repos add
+# a second copy of the weights in another layout (Mistral's consolidated.safetensors).
+SAFETENSORS_FILE = hub.SAFETENSORS_FILE
+SAFETENSORS_INDEX = hub.SAFETENSORS_INDEX
 CACHE_INFO_FILE = "swarmllm.json"  # written last into a converted cache: model_id and source
+# of the GGUF file's sha256, in the converted cache's folder name (the blake2b-named folders
+# of releases whose ids included the name are left alone, for processes still using them)
 HASH_CHARS = 12
 LOCK_TIMEOUT_S = 900.0  # a conversion takes ~20 s; waiting longer means the holder is stuck
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+# org/name, optionally @revision (a branch, tag or commit)
+_HUB_ID = re.compile(
+    r"(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?)(@(?P<rev>[\w./-]+))?"
+)
 
-
-class ModelSourceError(ValueError):
-    """A model reference could not be resolved; the message names the problem and the fix."""
+__all__ = ["ModelSource", "ModelSourceError", "resolve_model"]
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A verified local Hugging Face directory of a supported family.
+    """A model of a supported family: its config and tokenizer are local, its weights are
+    located, fetched and verified tensor by tensor (``weight_files``).
 
     ``config`` is the language model's config, the one spans and heads run with; for a
     vision-language checkpoint (LLaVA) ``multimodal_config`` is the whole checkpoint's config.
     """
 
-    model_id: str  # f"{name}-{hash of weights + config}": DHT-key safe, equal on every peer
-    name: str
-    path: Path
+    model_id: str  # f"{model_type}-{hash of config + manifest}": DHT-key safe, equal everywhere
+    name: str  # for people: the repo id, the folder's name or the embedded model's name
+    path: Path  # config.json and the tokenizer; the weights may be elsewhere or not yet fetched
     config: PretrainedConfig
     multimodal_config: PretrainedConfig | None = None
+    ref: str = ""  # what another process resolves to the same model: repo@commit or a folder
+    weights: WeightFiles | None = field(default=None, compare=False, repr=False)
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         try:
@@ -67,9 +82,10 @@ class ModelSource:
         except (OSError, ValueError) as exc:
             raise ModelSourceError(f"no usable tokenizer in {self.path}: {exc}") from exc
 
-    def weight_files(self) -> dict[str, Path]:
-        """Tensor name -> the safetensors file holding it."""
-        return read_weight_map(self.path)
+    def weight_files(self) -> WeightFiles:
+        """Tensor name -> the safetensors file holding it, fetched and verified on lookup."""
+        assert self.weights is not None, "a ModelSource is made by resolve_model"
+        return self.weights
 
 
 def cache_root() -> Path:
@@ -79,10 +95,12 @@ def cache_root() -> Path:
 def resolve_model(
     ref: str | os.PathLike | None = None, *, cache_dir: Path | None = None, progress: bool = True
 ) -> ModelSource:
-    """Resolve ``ref``: None or "embedded" for the embedded model, a directory, or a hub id.
+    """Resolve ``ref``: None or "embedded" for the embedded model, a directory, or a hub id
+    (``org/name`` or ``org/name@revision``).
 
-    ``cache_dir`` (default ``cache_root()``) holds the converted embedded model and the memo
-    of file hashes that makes resolving an unchanged model again instant.
+    ``cache_dir`` (default ``cache_root()``) holds the converted embedded model, the memo of
+    file hashes that makes resolving an unchanged model again instant, and the manifests of
+    the hub commits resolved so far (what lets an offline process compute their ids).
     """
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     hashes = FileHashes(root / "hashes.json")
@@ -95,11 +113,12 @@ def resolve_model(
         return _resolve_directory(path, hashes)
     if _looks_like_path(ref):
         raise ModelSourceError(f"model directory {path} does not exist")
-    if not _HUB_ID.fullmatch(ref):
+    match = _HUB_ID.fullmatch(ref)
+    if not match:
         raise ModelSourceError(
             f"{ref!r} is neither an existing model directory nor a Hugging Face repo id (org/name)"
         )
-    return _resolve_directory(_download(ref), hashes, name=ref)
+    return _resolve_hub(match["repo"], match["rev"], root / "hub", hashes)
 
 
 def read_weight_map(directory: Path) -> dict[str, Path]:
@@ -138,70 +157,19 @@ def read_weight_map(directory: Path) -> dict[str, Path]:
     return located
 
 
-def directory_digests(directory: Path, hashes: FileHashes | None) -> dict[str, str]:
-    """blake2b of every weight file and of config.json, by file name.
+def directory_manifest(directory: Path, hashes: FileHashes | None = None) -> Manifest:
+    """The manifest of a directory holding every weight file: its tensors and sha256s.
 
-    ``transformers_version`` is left out of the config's digest so that peers running
-    different transformers releases still agree on the id of the same weights.
+    What ``swarmllm manifest`` writes, so that a copy holding only some shards keeps the id.
     """
-    config = _read_json(directory / "config.json")
-    config.pop("transformers_version", None)
-    digests = {
-        "config.json": hashlib.blake2b(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    }
-    for file in sorted(set(read_weight_map(directory).values())):
-        digests[file.name] = hashes.digest(file) if hashes else file_digest(file)
-    return digests
-
-
-def model_id_of(name: str, digests: Mapping[str, str]) -> str:
-    combined = hashlib.blake2b()
-    for file_name in sorted(digests):
-        combined.update(f"{file_name}\0{digests[file_name]}\n".encode())
-    safe_name = _UNSAFE_ID_CHARS.sub("-", name.replace("/", "--"))
-    return f"{safe_name}-{combined.hexdigest()[:HASH_CHARS]}"
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.blake2b()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-class FileHashes:
-    """A JSON memo of file digests keyed by (path, size, mtime_ns), shared by processes."""
-
-    def __init__(self, memo_path: Path):
-        self.memo_path = memo_path
-
-    def digest(self, path: Path) -> str:
-        path = path.resolve()
-        stat = path.stat()
-        key = [stat.st_size, stat.st_mtime_ns]
-        entry = self._load().get(str(path))
-        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == key:
-            return str(entry[2])
-        value = file_digest(path)
-        self.remember(path, value)
-        return value
-
-    def remember(self, path: Path, value: str) -> None:
-        """Record ``value`` as the digest of ``path`` as it is now."""
-        path = path.resolve()
-        stat = path.stat()
-        with _locked(self.memo_path.with_name(self.memo_path.name + ".lock"), timeout=60):
-            memo = {p: entry for p, entry in self._load().items() if _unchanged(p, entry)}
-            memo[str(path)] = [stat.st_size, stat.st_mtime_ns, value]
-            _write_json_atomic(self.memo_path, {"files": memo})
-
-    def _load(self) -> dict[str, list]:
-        try:
-            files = json.loads(self.memo_path.read_text()).get("files", {})
-        except (OSError, ValueError, AttributeError):
-            return {}  # a missing or damaged memo only costs re-hashing
-        return files if isinstance(files, dict) else {}
+    files = {}
+    weight_map = {}
+    for tensor, file in read_weight_map(directory).items():
+        weight_map[tensor] = file.name
+        if file.name not in files:
+            digest = hashes.digest(file) if hashes else file_digest(file)
+            files[file.name] = FileEntry(digest, file.stat().st_size)
+    return Manifest(weight_map, files)
 
 
 def _resolve_directory(path: Path, hashes: FileHashes, name: str | None = None) -> ModelSource:
@@ -211,11 +179,60 @@ def _resolve_directory(path: Path, hashes: FileHashes, name: str | None = None) 
     if not path.is_dir():
         raise ModelSourceError(f"{path} is a file; pass the model directory that contains it")
     config = _load_config(path)
-    digests = directory_digests(path, hashes)
+    if (path / MANIFEST_FILE).is_file():  # maybe only some shards: the manifest lists them all
+        manifest = read_manifest(path / MANIFEST_FILE)
+        _check_index_agrees(path, manifest)
+    else:
+        manifest = directory_manifest(path, hashes)
+
+    def locate(file: str) -> Path:
+        if not (path / file).is_file():
+            raise ModelSourceError(
+                f"weight file {file} is missing from {path}, and this process loads tensors "
+                f"from it; copy {file} into {path} (or serve blocks whose shards are there)"
+            )
+        return path / file
+
     name = name or _converted_name(path) or _hub_name_of_snapshot(path) or path.name
+    return _source(config, path, name, str(path), manifest, locate, hashes)
+
+
+def _resolve_hub(
+    repo_id: str, revision: str | None, manifests: Path, hashes: FileHashes
+) -> ModelSource:
+    snapshot = hub.open_snapshot(repo_id, revision, manifests)
+    config = _load_config(snapshot.path)
+    ref = f"{repo_id}@{snapshot.commit}"
+    return _source(config, snapshot.path, repo_id, ref, snapshot.manifest, snapshot.fetch, hashes)
+
+
+def _source(
+    config: PretrainedConfig,
+    path: Path,
+    name: str,
+    ref: str,
+    manifest: Manifest,
+    locate: Callable[[str], Path],
+    hashes: FileHashes,
+) -> ModelSource:
+    """The source of ``config`` whose id binds the config file and ``manifest``."""
+    config_sha = config_digest(_read_json(path / "config.json"))
+    model_id = manifest.model_id(config.model_type, config_sha)
+    weights = WeightFiles(manifest, model_id, locate, hashes)
     if config.model_type in MULTIMODAL_TYPES:
-        return ModelSource(model_id_of(name, digests), name, path, config.text_config, config)
-    return ModelSource(model_id_of(name, digests), name, path, config)
+        return ModelSource(model_id, name, path, config.text_config, config, ref, weights)
+    return ModelSource(model_id, name, path, config, None, ref, weights)
+
+
+def _check_index_agrees(path: Path, manifest: Manifest) -> None:
+    index_path = path / SAFETENSORS_INDEX
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map")
+        if weight_map != manifest.weight_map:
+            raise ModelSourceError(
+                f"{index_path} and {path / MANIFEST_FILE} place the tensors differently; "
+                "write the manifest again from a complete copy of this model"
+            )
 
 
 def _load_config(directory: Path) -> PretrainedConfig:
@@ -250,7 +267,11 @@ def _converted_name(path: Path) -> str | None:
 
 def _tensor_names(file: Path) -> list[str]:
     if not file.is_file():
-        raise ModelSourceError(f"weight file {file} is missing; re-download the model")
+        raise ModelSourceError(
+            f"weight file {file.name} is missing from {file.parent}. For a directory that holds "
+            f"only some shards, put the model's {MANIFEST_FILE} next to them (written by "
+            "`swarmllm manifest` where every file is); otherwise re-download the model"
+        )
     try:
         with safe_open(file, framework="pt") as handle:
             return list(handle.keys())
@@ -306,32 +327,15 @@ def _convert_into(gguf: Path, target: Path, hashes: FileHashes, progress: bool) 
                 f"converting the embedded model {gguf} failed: {exc}. Reinstall it with "
                 f"`{embedded.INSTALL_HINT} --force-reinstall`"
             ) from exc
-        digests = directory_digests(staging, hashes=None)
-        model_id = model_id_of(embedded.EMBEDDED_NAME, digests)
+        manifest = directory_manifest(staging)
+        config_sha = config_digest(_read_json(staging / "config.json"))
+        model_id = manifest.model_id(_read_json(staging / "config.json")["model_type"], config_sha)
         _write_json_atomic(staging / CACHE_INFO_FILE, {"model_id": model_id, "source": str(gguf)})
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for file_name, digest in digests.items():  # a rename keeps content, size and mtime
-        if file_name != "config.json":
-            hashes.remember(target / file_name, digest)
-
-
-def _download(repo_id: str) -> Path:
-    # huggingface_hub reads HF_HUB_OFFLINE once at import; honour it when set later too.
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE or _env_flag("HF_HUB_OFFLINE")
-    try:
-        return Path(
-            huggingface_hub.snapshot_download(
-                repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline
-            )
-        )
-    except (OSError, ValueError) as exc:  # hub HTTP and missing-cache errors are OSErrors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelSourceError(
-            f"cannot download {repo_id!r} from the Hugging Face hub (offline?): {reason}. "
-            "Download it elsewhere and pass the local directory with --model /path/to/dir"
-        ) from exc
+    for file_name, entry in manifest.files.items():  # a rename keeps content, size and mtime
+        hashes.remember(target / file_name, entry.sha256)
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -359,20 +363,6 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(temporary, path)
-
-
-def _unchanged(path: str, entry: object) -> bool:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return False
-    return isinstance(entry, list) and entry[:2] == [stat.st_size, stat.st_mtime_ns]
-
-
 def _scratch_dir(target: Path) -> Path:
     """A fresh hidden sibling of ``target`` for staging or deleting it."""
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -387,21 +377,8 @@ def _remove_tree(path: Path) -> None:
 
 @contextmanager
 def _locked(lock_path: Path, timeout: float) -> Iterator[None]:
-    """An flock on ``lock_path``: released by the OS even if its holder dies."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path, timeout=timeout)
     try:
-        lock.acquire()
-    except Timeout as exc:
-        raise ModelSourceError(
-            f"waited {timeout:.0f} s for {lock_path}, held by another swarmllm process; "
-            "stop that process or retry"
-        ) from exc
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        with locked(lock_path, timeout):
+            yield
+    except LockTimeoutError as exc:
+        raise ModelSourceError(str(exc)) from exc

@@ -9,11 +9,17 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from swarmllm.blocks.errors import ModelSourceError
+
 
 def read_tensors(
     weight_files: Mapping[str, Path], names: Iterable[str], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Load exactly ``names`` (cast to ``dtype``), opening each file once."""
+    """Load exactly ``names`` (cast to ``dtype``), opening each file once.
+
+    Looking a name up in ``weight_files`` is what fetches and verifies its file
+    (``WeightFiles``), so only the files holding ``names`` are ever touched.
+    """
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in names:
         if name not in weight_files:
@@ -22,6 +28,12 @@ def read_tensors(
     tensors = {}
     for path, file_names in by_file.items():
         with safe_open(path, framework="pt") as handle:
+            held = set(handle.keys())
             for name in file_names:
+                if name not in held:
+                    raise ModelSourceError(
+                        f"weight file {path.name} ({path}) holds no tensor {name}, though the "
+                        "model's index places it there"
+                    )
                 tensors[name] = handle.get_tensor(name).to(dtype)
     return tensors

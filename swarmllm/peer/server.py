@@ -18,7 +18,6 @@ import swarmllm
 from swarmllm.blocks.sources import ModelSource, cache_root
 from swarmllm.blocks.span import BlockSpan
 from swarmllm.blocks.vision import ADAPTER_BLOCK
-from swarmllm.blocks.vision_factory import load_adapter
 from swarmllm.dht.announce import Announcer
 from swarmllm.dht.coverage import get_coverage
 from swarmllm.dht.node import swarm_dht
@@ -109,6 +108,9 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
             dtype = getattr(torch, settings.dtype)
             adapter = None
             if settings.adapter and start == 0:  # images enter with block 0, in the first hop
+                # imported here: a peer without block 0 never loads the vision models' code
+                from swarmllm.blocks.vision_factory import load_adapter
+
                 adapter = await worker.run(load_adapter, source)
             adapters = (adapter.name,) if adapter is not None else ()
             record = PeerRecord(
