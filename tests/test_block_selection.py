@@ -65,6 +65,35 @@ def test_fully_covered_swarm_reinforces_the_weakest_part():
     assert choose_span(coverage(30, peers), 10) == (10, 20)
 
 
+def test_the_weakest_block_decides_not_the_sum():
+    # per block: 1, 100, 10, 10. Summed, [2, 4) looks weakest (20 against 101); its weakest
+    # block serves 10 steps/s, but block 0 serves only 1: the swarm's bottleneck is there
+    peers = {
+        "A": record(0, 1, throughput=1.0),
+        "B": record(1, 2, throughput=100.0),
+        "C": record(2, 4, throughput=10.0),
+    }
+    assert choose_span(coverage(4, peers), 2) == (0, 2)
+
+
+def test_block_throughputs_add_up_over_their_servers():
+    # block 0 has two servers of 6 (12 in all), block 2 one of 10: block 2 is the bottleneck
+    peers = {
+        "A": record(0, 2, throughput=6.0),
+        "B": record(0, 2, throughput=6.0),
+        "C": record(2, 4, throughput=10.0),
+    }
+    assert choose_span(coverage(4, peers), 1) == (2, 3)
+
+
+def test_equal_bottlenecks_are_decided_by_the_next_weakest_block():
+    # per block: 5, 6, 100, 5, 7, 8. [0, 3) and [3, 6) both bottleneck at 5; next comes 6
+    # against 7, so [0, 3) is weaker, though its sum (111) is far above [3, 6)'s (20)
+    per_block = [5.0, 6.0, 100.0, 5.0, 7.0, 8.0]
+    peers = {f"p{i}": record(i, i + 1, throughput=t) for i, t in enumerate(per_block)}
+    assert choose_span(coverage(6, peers), 3) == (0, 3)
+
+
 def test_joining_peer_throughput_counts():
     peers = {
         "A": record(0, 15, throughput=10.0),

@@ -6,13 +6,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
+import msgpack
 import pytest
 from dht_nodes import loopback_dht
 from hivemind.utils import get_dht_time
 
 from swarmllm.dht.announce import AnnounceError, Announcer, announce
 from swarmllm.dht.coverage import get_coverage
-from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState, block_key
+from swarmllm.dht.records import (
+    MAX_PEER_RECORD_BYTES,
+    CoverageMap,
+    PeerRecord,
+    PeerState,
+    block_key,
+)
+from swarmllm.security.record_validator import MAX_RECORD_TTL
 
 
 def record(start: int, end: int, state: PeerState = PeerState.ONLINE) -> PeerRecord:
@@ -169,5 +177,47 @@ def test_coverage_of_thirty_blocks_is_one_round(swarm: Swarm):
 
 
 def test_announcer_rejects_ttl_that_cannot_survive_a_missed_refresh(swarm: Swarm):
-    with pytest.raises(ValueError, match="ttl > 2 \\* refresh_period"):
+    with pytest.raises(ValueError, match="2 \\* refresh_period < ttl"):
         Announcer(swarm.peers[0], "m", [0], record(0, 1), refresh_period=5.0, ttl=10.0)
+
+
+def test_announcer_rejects_ttl_the_dht_would_refuse(swarm: Swarm):
+    with pytest.raises(ValueError, match="the DHT refuses records that live longer"):
+        Announcer(
+            swarm.peers[0], "m", [0], record(0, 1), refresh_period=10.0, ttl=MAX_RECORD_TTL + 1
+        )
+
+
+def _fields(**changes: object) -> dict[str, object]:
+    fields = {
+        "state": 2,
+        "start": 0,
+        "end": 1,
+        "throughput": 1.0,
+        "cache_tokens_left": 1,
+        "version": "0.1.0",
+        "dtype": "float32",
+    }
+    return {**fields, **changes}
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        _fields(adapters=[""] * 500),  # small on the wire, 500 objects once decoded
+        _fields(public_name="x" * 2000),  # over the size a peer may announce
+        _fields(nested=[[[[]]]] * 100),  # an unknown field is ignored, not decoded without bound
+    ],
+    ids=["long list", "long string", "unknown nested field"],
+)
+def test_a_record_decodes_within_limits(hostile: dict[str, object]):
+    with pytest.raises(ValueError, match="malformed peer record"):
+        PeerRecord.from_bytes(msgpack.packb(hostile))
+    assert PeerRecord.from_bytes(msgpack.packb(_fields())) == replace(
+        record(0, 1), throughput=1.0, cache_tokens_left=1
+    )
+
+
+def test_a_record_too_long_to_announce_fails_where_it_is_made():
+    with pytest.raises(ValueError, match="shorten the public name"):
+        replace(record(0, 1), public_name="x" * MAX_PEER_RECORD_BYTES)

@@ -17,7 +17,12 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from swarmllm.dht.records import PeerRecord, PeerState, block_key
 from swarmllm.security.identity import load_or_create_identity, peer_id_of
-from swarmllm.security.record_validator import PeerIdSignatureValidator
+from swarmllm.security.record_validator import (
+    MAX_RECORD_BYTES,
+    MAX_RECORD_TTL,
+    PeerIdSignatureValidator,
+)
+from swarmllm.security.signing import SIGNATURE_BYTES
 
 RSA_STYLE_PEER_ID = "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
 
@@ -62,11 +67,12 @@ def test_changed_records_are_rejected(validator_a: PeerIdSignatureValidator) -> 
         validator_a, _record("m.0", validator_a.peer_id, b"announcement", get_dht_time() + 60)
     )
     tampered_value = signed.value[:-65] + b"X" + signed.value[-64:]
+    flipped_signature = signed.value[:-1] + bytes([signed.value[-1] ^ 1])
     changes = {
         "value": dataclasses.replace(signed, value=tampered_value),
         "expiration": dataclasses.replace(signed, expiration_time=signed.expiration_time + 1),
         "key": dataclasses.replace(signed, key=DHTID.generate(source="m.1").to_bytes()),
-        "signature": dataclasses.replace(signed, value=signed.value[:-1] + b"\0"),
+        "signature": dataclasses.replace(signed, value=flipped_signature),
         "no signature": dataclasses.replace(signed, value=MSGPackSerializer.dumps(b"x")),
     }
     for name, record in changes.items():
@@ -94,11 +100,38 @@ def test_subkeys_that_are_not_ed25519_peer_ids_are_rejected(
     assert not validator_a.validate(_record("m.0", subkey, b"x" * 100, get_dht_time() + 60))
 
 
-def test_plain_records_pass_unchanged(validator_a: PeerIdSignatureValidator) -> None:
+def test_plain_records_are_rejected(validator_a: PeerIdSignatureValidator) -> None:
+    # a plain value that expires later replaces the key's whole dictionary of signed records
     plain = _record("anything", None, {"a": 1}, get_dht_time() + 60)
-    assert validator_a.sign_value(plain) == plain.value
-    assert validator_a.validate(plain)
-    assert validator_a.strip_value(plain) == plain.value
+    assert validator_a.sign_value(plain) == plain.value  # nothing of ours to sign
+    assert not validator_a.validate(plain)
+    assert not PeerIdSignatureValidator().validate(plain)
+
+
+def test_expiration_is_capped(validator_a: PeerIdSignatureValidator) -> None:
+    now = get_dht_time()
+    for ahead, accepted in [
+        (60.0, True),
+        (MAX_RECORD_TTL, True),
+        (MAX_RECORD_TTL + 600, False),
+        (1e12, False),
+        (float("inf"), False),
+        (float("nan"), False),
+    ]:
+        record = _signed(validator_a, _record("m.0", validator_a.peer_id, b"v", now + ahead))
+        assert validator_a.validate(record) is accepted, ahead
+
+
+def test_record_size_is_capped(validator_a: PeerIdSignatureValidator) -> None:
+    unsigned = MAX_RECORD_BYTES - SIGNATURE_BYTES
+    for size, accepted in [(unsigned, True), (unsigned + 1, False)]:
+        record = dataclasses.replace(
+            _record("m.0", validator_a.peer_id, None, get_dht_time() + 60), value=b"x" * size
+        )
+        signed = _signed(validator_a, record)
+        assert validator_a.validate(signed) is accepted, len(signed.value)
+    huge_subkey = _record("m.0", "12D3KooW" + "x" * 10_000, b"v", get_dht_time() + 60)
+    assert not validator_a.validate(huge_subkey)
 
 
 def test_merging(validator_a: PeerIdSignatureValidator, key_a: Ed25519PrivateKey) -> None:

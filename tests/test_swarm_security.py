@@ -28,6 +28,7 @@ from swarmllm.client.routing import Hop, NoRouteError
 from swarmllm.dht.records import PeerRecord, PeerState, block_key
 from swarmllm.protocol import RemoteError
 from swarmllm.security.identity import IdentityError, create_identity, load_identity, peer_id_of
+from swarmllm.security.record_validator import PeerIdSignatureValidator
 from swarmllm.swarm import HOST, LocalSwarm
 
 pytestmark = pytest.mark.slow
@@ -144,19 +145,28 @@ def test_a_bad_allowed_peers_file_is_one_clear_error(command: str, tmp_path: Pat
 
 
 def test_a_forged_record_for_a_running_peer_is_rejected(
-    private_swarm: PrivateSwarm, llama: ModelSource
+    private_swarm: PrivateSwarm, llama: ModelSource, tmp_path: Path
 ) -> None:
     victim = private_swarm.open_peer
     swarm = private_swarm.swarm
     forged = PeerRecord(PeerState.ONLINE, 0, 1, 1e9, 10**9, "forged", "float32").to_bytes()
     key = block_key(llama.model_id, 0)
-    # an attacker's node: a plain hivemind DHT with its own key and no validators of ours
-    forger = loopback_dht(initial_peers=swarm.initial_peers, client_mode=True)
+    # an attacker's node: a hivemind DHT with an Ed25519 key of its own, signing as itself
+    identity = tmp_path / "forger.key"
+    forger_key = create_identity(identity)
+    forger = loopback_dht(
+        initial_peers=swarm.initial_peers,
+        client_mode=True,
+        identity_path=str(identity),
+        check_if_identity_free=False,
+        record_validators=[PeerIdSignatureValidator(forger_key)],
+    )
     try:
-        # control: the same node can store a record nobody owns, so a refusal below is the
+        # control: the same node can store a record it owns, so a refusal below is the
         # validators' doing
-        assert forger.store(f"{key}.unowned", forged, get_dht_time() + 600)
-        assert not forger.store(key, forged, get_dht_time() + 600, subkey=victim)
+        expiration = get_dht_time() + 600
+        assert forger.store(f"{key}.unowned", forged, expiration, subkey=peer_id_of(forger_key))
+        assert not forger.store(key, forged, expiration, subkey=victim)
     finally:
         forger.shutdown()
     with SwarmConnection(swarm.initial_peers) as reader:

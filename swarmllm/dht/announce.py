@@ -21,6 +21,7 @@ from hivemind.utils import get_dht_time
 
 from swarmllm.dht.node import PROCESS_MARGIN, run_bounded
 from swarmllm.dht.records import PeerRecord, PeerState, block_key
+from swarmllm.security.record_validator import MAX_RECORD_TTL
 
 logger = logging.getLogger("swarmllm.dht")
 
@@ -100,7 +101,8 @@ class Announcer:
     """Keeps a peer's record for its blocks alive in the DHT from a daemon thread.
 
     The record is re-stored every ``refresh_period`` seconds with expiration ``now + ttl``;
-    ``ttl`` must exceed two refresh periods so that one failed refresh does not let it lapse.
+    ``ttl`` must exceed two refresh periods so that one failed refresh does not let it lapse,
+    and stay within ``MAX_RECORD_TTL``, the longest life DHT nodes accept.
     """
 
     def __init__(
@@ -115,9 +117,10 @@ class Announcer:
     ):
         if not blocks:
             raise ValueError("Announcer needs at least one block")
-        if refresh_period <= 0 or ttl <= 2 * refresh_period:
+        if refresh_period <= 0 or not 2 * refresh_period < ttl <= MAX_RECORD_TTL:
             raise ValueError(
-                f"need refresh_period > 0 and ttl > 2 * refresh_period, "
+                f"need refresh_period > 0 and 2 * refresh_period < ttl <= {MAX_RECORD_TTL:.0f} s "
+                f"(the DHT refuses records that live longer), "
                 f"got refresh_period={refresh_period}, ttl={ttl}"
             )
         self.dht = dht

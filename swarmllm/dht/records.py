@@ -1,7 +1,9 @@
 """The typed value a peer announces for each block it serves, and the coverage map built from them.
 
 A record is stored under DHT key ``{model_id}.{block}`` with subkey = the announcing peer's id.
-Values are msgpack maps; readers ignore unknown fields so that the schema can grow.
+Values are msgpack maps; readers ignore unknown fields so that the schema can grow. A record
+is at most ``MAX_PEER_RECORD_BYTES`` long, so that it fits the DHT validators' limit once
+serialized and signed, and is decoded with msgpack limits, so a hostile one cannot expand.
 """
 
 from __future__ import annotations
@@ -12,7 +14,20 @@ from typing import Any
 
 import msgpack
 
+from swarmllm.security.record_validator import MAX_RECORD_BYTES
+from swarmllm.security.signing import SIGNATURE_BYTES
+
 RECORD_VERSION = 1
+# room left for hivemind's msgpack framing of the value (a bin header of at most 5 bytes)
+MAX_PEER_RECORD_BYTES = MAX_RECORD_BYTES - SIGNATURE_BYTES - 5
+# decode limits: a record's longest string is its public name; its one list, the adapters
+_UNPACK_LIMITS = {
+    "max_str_len": MAX_PEER_RECORD_BYTES,
+    "max_bin_len": 0,
+    "max_array_len": 16,
+    "max_map_len": 32,
+    "max_ext_len": 0,
+}
 
 
 class PeerState(enum.IntEnum):
@@ -35,8 +50,12 @@ class PeerRecord:
     public_name: str = ""
     adapters: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        self.to_bytes()  # a record the DHT would refuse fails here, where it is made
+
     def to_bytes(self) -> bytes:
-        return msgpack.packb(
+        """The record as announced; ValueError if it is longer than ``MAX_PEER_RECORD_BYTES``."""
+        encoded = msgpack.packb(
             {
                 "v": RECORD_VERSION,
                 "state": int(self.state),
@@ -50,12 +69,21 @@ class PeerRecord:
                 "adapters": list(self.adapters),
             }
         )
+        if len(encoded) > MAX_PEER_RECORD_BYTES:
+            raise ValueError(
+                f"a peer record of {len(encoded)} bytes is over the DHT limit of "
+                f"{MAX_PEER_RECORD_BYTES}: shorten the public name ({len(self.public_name)} "
+                "characters)"
+            )
+        return encoded
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> PeerRecord:
         """Parse a record, ignoring unknown fields; raise ValueError on anything malformed."""
+        if len(raw) > MAX_PEER_RECORD_BYTES:
+            raise ValueError(f"malformed peer record: {len(raw)} bytes is over the limit")
         try:
-            data: dict[str, Any] = msgpack.unpackb(raw, raw=False)
+            data: dict[str, Any] = msgpack.unpackb(raw, raw=False, **_UNPACK_LIMITS)
             record = cls(
                 state=PeerState(int(data["state"])),
                 start=int(data["start"]),

@@ -12,8 +12,12 @@ def choose_span(
     coverage: CoverageMap, num_blocks: int, exclude_peer: str | None = None
 ) -> tuple[int, int]:
     """The window ``[start, start + num_blocks)`` with the most blocks nobody serves, then the
-    lowest total throughput (summed over its blocks); ties go to the leftmost window.
+    weakest bottleneck; ties go to the leftmost window.
 
+    A block's throughput is the sum of its servers' (each serves every step through it); a
+    window is as good as its weakest block, so windows compare by their blocks' throughputs
+    sorted weakest first, as Petals' ``_choose_best_start`` does: a new peer goes where it
+    raises the swarm's bottleneck, not where the total over the window is lowest.
     ``exclude_peer``'s own records are ignored (a restarting peer must not count itself).
     """
     if not 1 <= num_blocks <= coverage.num_blocks:
@@ -40,7 +44,7 @@ def choose_span(
         range(coverage.num_blocks - num_blocks + 1),
         key=lambda start: (
             -sum(uncovered[start : start + num_blocks]),
-            sum(throughput[start : start + num_blocks]),
+            sorted(throughput[start : start + num_blocks]),
             start,
         ),
     )
