@@ -289,3 +289,23 @@ def test_every_job_gets_an_answer_when_the_dispatcher_itself_fails(llama_span, m
         worker.shutdown()
     assert isinstance(failed, RuntimeError) and "a bug in the dispatcher" in str(failed)
     assert isinstance(served, Computed)
+
+
+def test_a_batch_counts_every_row_at_the_longest_session_s_length(llama_span):
+    """Keys are lined up to the longest cache: a long and a short session cost 2 x 101 tokens
+    together, over this worker's 150, so they run apart."""
+    worker = BatchingWorker(window=0.0, max_tokens=150)
+    long, short = prefilled(llama_span, 100), prefilled(llama_span, 2)
+    x = torch.randn(1, 1, llama_span.config.hidden_size)
+
+    async def scenario() -> list[int]:
+        together = await asyncio.gather(
+            worker.forward(llama_span, x, long, None), worker.forward(llama_span, x, short, None)
+        )
+        return [c.batch for c in together]
+
+    try:
+        batches = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    finally:
+        worker.shutdown()
+    assert batches == [1, 1]

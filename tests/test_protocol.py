@@ -9,7 +9,15 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from swarmllm.client.hop import HopFailure, check_output, read_reply
+from swarmllm.blocks.vision import ImageInputs
+from swarmllm.client.hop import (
+    MESSAGE_OVERHEAD,
+    HopFailure,
+    HopStream,
+    SessionSpec,
+    check_output,
+    read_reply,
+)
 from swarmllm.client.routing import Hop
 from swarmllm.protocol import (
     MAX_ECHO,
@@ -161,3 +169,27 @@ def test_the_client_blames_the_hop_that_sent_a_bad_output(output, words) -> None
     with pytest.raises(HopFailure, match=words) as failure:
         check_output(hop, torch.zeros(1, 2, 4), output)
     assert failure.value.fault and failure.value.hop is hop
+
+
+def _stream_with_limits(max_tokens: int, max_bytes: int = 2**26) -> HopStream:
+    stream = HopStream(None, Hop("peer", 0, 3), SessionSpec("m", "s", max_length=100))
+    stream.limits = Opened("test", max_tokens, max_bytes)
+    return stream
+
+
+def test_a_long_step_is_cut_into_chunks_within_the_peer_s_limits() -> None:
+    hidden = torch.zeros(1, 40, 64)
+    assert _stream_with_limits(16)._chunks(hidden, 5, None) == [(5, 21), (21, 37), (37, 45)]
+    # 64 floats a token: 4096 bytes over the message overhead fit 16 tokens
+    assert _stream_with_limits(1000, MESSAGE_OVERHEAD + 16 * 256)._chunks(hidden, 0, None)[0] == (
+        0,
+        16,
+    )
+
+
+def test_chunks_never_split_an_image() -> None:
+    hidden = torch.zeros(1, 40, 64)
+    images = ImageInputs(torch.zeros(1, 6, 8), torch.arange(12, 18)[None])
+    assert _stream_with_limits(16)._chunks(hidden, 0, images) == [(0, 12), (12, 28), (28, 40)]
+    with pytest.raises(ValueError, match="an image of 6 tokens does not fit"):
+        _stream_with_limits(4)._chunks(hidden, 0, images)

@@ -51,7 +51,7 @@ logger = logging.getLogger("swarmllm.client")
 # around it for the session and never bans it for these.
 NOT_A_FAULT = frozenset({ErrorCode.BUSY, ErrorCode.INVALID, ErrorCode.VERSION, ErrorCode.EXPIRED})
 NONCE_BYTES = 16
-MESSAGE_OVERHEAD = 64 * 1024  # bytes of a message besides its hidden states, when chunking
+MESSAGE_OVERHEAD = 4096  # bytes of a message besides its tensors' data, when chunking
 
 
 class HopFailure(RuntimeError):
@@ -162,7 +162,10 @@ class HopStream:
         assert self.limits is not None, "open the stream first"
         rows, tokens, width = hidden.shape
         per_token = rows * width * hidden.element_size()
-        fit = max(1, (self.limits.max_bytes - MESSAGE_OVERHEAD) // per_token)
+        budget = self.limits.max_bytes - MESSAGE_OVERHEAD
+        if images is not None:  # the worst case: every image in one message
+            budget -= sum(t.numel() * t.element_size() for t in images.tensors())
+        fit = max(1, budget // per_token)
         size = max(1, min(self.limits.max_tokens, fit))
         chunks, begin, stop = [], position, position + tokens
         while begin < stop:

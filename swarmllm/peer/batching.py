@@ -46,6 +46,9 @@ T = TypeVar("T")
 MAX_AUTO_WINDOW = 0.05  # seconds: the default window is the last decode pass, at most this
 ACTIVE_PERIOD = 1.0  # a session that sent a decode step this recently is expected again
 MAX_BATCH_ROWS = 64
+# A batched pass lines every row's keys up to the longest session's (right padding): its
+# attention holds rows x longest tokens per layer, whatever the sessions' own lengths.
+MAX_BATCH_TOKENS = 32768
 FORWARD_MAX_WAIT = 2.0  # seconds a stateless forward may be overtaken by inference steps
 
 
@@ -81,11 +84,13 @@ class BatchingWorker(ComputeWorker):
         window: float | None = None,
         active_period: float = ACTIVE_PERIOD,
         max_rows: int = MAX_BATCH_ROWS,
+        max_tokens: int = MAX_BATCH_TOKENS,
     ):
         super().__init__(num_threads)
         self.threads = num_threads or torch.get_num_threads()
         self.decode_threads = decode_threads
         self.window, self.active_period, self.max_rows = window, active_period, max_rows
+        self.max_tokens = max_tokens  # rows x longest cache of one batched pass
         self._last_pass: dict[BlockSpan, float] = {}  # seconds of each span's last decode pass
         self._queue: deque[_Job] = deque()
         self._arrived = asyncio.Event()
@@ -153,12 +158,14 @@ class BatchingWorker(ComputeWorker):
         deadline = time.monotonic() + window
         while True:
             batch, rows = [first], first.hidden.shape[0]
+            longest = first.cache.length + 1
             for job in self._queue:
                 if job.span is first.span and job.batchable and not job.future.done():
-                    if rows + job.hidden.shape[0] > self.max_rows:
-                        break
+                    more, length = job.hidden.shape[0], max(longest, job.cache.length + 1)
+                    if rows + more > self.max_rows or (rows + more) * length > self.max_tokens:
+                        continue  # runs in a later pass
                     batch.append(job)
-                    rows += job.hidden.shape[0]
+                    rows, longest = rows + more, length
             now = time.monotonic()
             # when each active session missing from the batch stops counting as active
             missing = [
