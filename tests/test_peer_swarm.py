@@ -100,9 +100,9 @@ def test_forward_and_inference_reproduce_the_local_span(swarm, connection, llama
 def test_a_session_over_the_cache_budget_is_refused_while_another_keeps_working(
     swarm, connection, llama
 ):
-    """The peer's 256 cache tokens: one client may reserve half of them. Two clients hold 120
-    each; a third asking for 100 finds the budget full, and the first asking for 20 more finds
-    its own share used up. Both refusals are "busy", not faults."""
+    """The peer's 256 cache tokens: one client may reserve half of them. Two clients hold 100
+    each; a third asking for 100 finds the budget full, and the first asking for 40 more (which
+    the budget has) finds its own share used up. Both refusals are "busy", not faults."""
     peer = swarm.peers[0]
     hop = Hop(peer.peer_id, *peer.blocks)
     hidden = torch.randn(1, 4, llama.config.hidden_size)
@@ -121,13 +121,13 @@ def test_a_session_over_the_cache_budget_is_refused_while_another_keeps_working(
         SwarmConnection(swarm.initial_peers) as other,
         SwarmConnection(swarm.initial_peers) as third,
     ):
-        holders = [(connection, spec("a", 120)), (other, spec("b", 120))]
+        holders = [(connection, spec("a", 100)), (other, spec("b", 100))]
         streams = [(client, HopStream(client, hop, held)) for client, held in holders]
         try:
             for client, stream in streams:
                 client.run(stream.open(), timeout=30)
             budget = refusal(third, spec("greedy", 100))
-            share = refusal(connection, spec("a-more", 20))
+            share = refusal(connection, spec("a-more", 40))
             first = streams[0][1]
             connection.run(first.step(hidden, 0), timeout=30)  # the holders are unaffected
             connection.run(first.step(hidden[:, :1], 4), timeout=30)
