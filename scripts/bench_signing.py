@@ -29,6 +29,7 @@ from swarmllm.client.model import DistributedModelForCausalLM
 from swarmllm.security.identity import peer_id_of
 from swarmllm.security.signing import (
     ActivationDigest,
+    MessageKind,
     sign_activation,
     verify_activation,
 )
@@ -68,9 +69,12 @@ def micro_costs(hidden_size: int, repeats: int) -> dict[str, float]:
     key = Ed25519PrivateKey.generate()
     peer_id = peer_id_of(key)
     hidden, output = torch.randn(1, 1, hidden_size), torch.randn(1, 1, hidden_size)
+    nonce = bytes(16)
 
     def digest() -> ActivationDigest:
-        return ActivationDigest.of("model", "session", 100, 100, 0, 10, [hidden], output)
+        return ActivationDigest.of(
+            MessageKind.INFERENCE, "model", "stream", nonce, 100, 100, 0, 10, None, [hidden], output
+        )
 
     signature = sign_activation(key, digest())
     return {

@@ -4,6 +4,8 @@ MODE ``noise``: the span adds Gaussian noise to every output, which the peer the
 correctly (a valid signature over wrong values; only spot-checking can catch it).
 MODE ``wrong-key``: outputs are right, but every reply is signed with a key other than the
 peer's own (the client's signature check catches it on the first reply).
+MODE ``nan``: every output is NaN, correctly signed (the client's own check of each reply must
+blame this peer, not the next hop that would refuse the NaN).
 
 The misbehaviour is patched into this process only; the production peer has no such switch.
 """
@@ -38,6 +40,18 @@ def add_noise() -> None:
     BlockSpan.forward, BlockSpan.decode_batch = noisy_forward, noisy_decode_batch
 
 
+def output_nan() -> None:
+    forward, decode_batch = BlockSpan.forward, BlockSpan.decode_batch
+
+    def nan_forward(self: BlockSpan, *args, **kwargs) -> torch.Tensor:
+        return torch.full_like(forward(self, *args, **kwargs), torch.nan)
+
+    def nan_decode_batch(self: BlockSpan, *args, **kwargs) -> list[torch.Tensor]:
+        return [torch.full_like(out, torch.nan) for out in decode_batch(self, *args, **kwargs)]
+
+    BlockSpan.forward, BlockSpan.decode_batch = nan_forward, nan_decode_batch
+
+
 def sign_with_another_key() -> None:
     impostor = Ed25519PrivateKey.generate()
 
@@ -47,7 +61,7 @@ def sign_with_another_key() -> None:
     swarmllm.peer.servicer.sign_activation = sign_activation
 
 
-MODES = {"noise": add_noise, "wrong-key": sign_with_another_key}
+MODES = {"noise": add_noise, "wrong-key": sign_with_another_key, "nan": output_nan}
 
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in MODES or sys.argv[2] != "peer":

@@ -240,3 +240,72 @@ def test_a_step_that_breaks_its_batch_fails_alone(llama_span):
     assert isinstance(good_result, Computed)
     torch.testing.assert_close(good_result.output, llama_span(x, reference), atol=1e-5, rtol=0)
     assert (good.length, bad.length) == (5, 6)
+
+
+def test_inference_steps_are_served_before_queued_stateless_forwards(llama_span):
+    """A forward and a decode step queued together: the step runs first."""
+    worker = BatchingWorker(window=0.0)
+    width = llama_span.config.hidden_size
+    cache = prefilled(llama_span, 4)
+    finished: list[str] = []
+
+    async def job(name: str, hidden: torch.Tensor, job_cache: KVCache | None) -> None:
+        await worker.forward(llama_span, hidden, job_cache, None)
+        finished.append(name)
+
+    async def scenario() -> None:
+        await asyncio.gather(
+            job("forward", torch.randn(1, 64, width), None),
+            job("step", torch.randn(1, 1, width), cache),
+        )
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    finally:
+        worker.shutdown()
+    assert finished == ["step", "forward"]
+
+
+def test_every_job_gets_an_answer_when_the_dispatcher_itself_fails(llama_span, monkeypatch):
+    worker = BatchingWorker(window=0.0)
+    cache = prefilled(llama_span, 4)
+    x = torch.randn(1, 1, llama_span.config.hidden_size)
+
+    async def broken_gather(first):
+        raise RuntimeError("a bug in the dispatcher")
+
+    monkeypatch.setattr(worker, "_gather", broken_gather)
+
+    async def scenario() -> list:
+        failed = await asyncio.gather(
+            worker.forward(llama_span, x, cache, None), return_exceptions=True
+        )
+        monkeypatch.undo()  # the next job is served again
+        return [*failed, await worker.forward(llama_span, x, cache, None)]
+
+    try:
+        failed, served = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    finally:
+        worker.shutdown()
+    assert isinstance(failed, RuntimeError) and "a bug in the dispatcher" in str(failed)
+    assert isinstance(served, Computed)
+
+
+def test_a_batch_counts_every_row_at_the_longest_session_s_length(llama_span):
+    """Keys are lined up to the longest cache: a long and a short session cost 2 x 101 tokens
+    together, over this worker's 150, so they run apart."""
+    worker = BatchingWorker(window=0.0, max_tokens=150)
+    long, short = prefilled(llama_span, 100), prefilled(llama_span, 2)
+    x = torch.randn(1, 1, llama_span.config.hidden_size)
+
+    async def scenario() -> list[int]:
+        together = await asyncio.gather(
+            worker.forward(llama_span, x, long, None), worker.forward(llama_span, x, short, None)
+        )
+        return [c.batch for c in together]
+
+    try:
+        batches = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    finally:
+        worker.shutdown()
+    assert batches == [1, 1]

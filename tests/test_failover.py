@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from swarmllm.blocks.sources import ModelSource
 from swarmllm.client.model import ClientSession, DistributedModelForCausalLM
-from swarmllm.client.routing import NoRouteError
+from swarmllm.client.routing import Hop, NoRouteError
 from swarmllm.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
@@ -100,3 +102,35 @@ def test_losing_the_only_server_of_a_span_names_the_uncovered_blocks(llama, prom
     assert cli.returncode != 0
     assert f"blocks {start}-{end - 1}" in cli.stderr
     assert len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+
+
+def test_a_bad_output_bans_its_sender_and_fails_over_onto_a_peer_already_in_the_route(
+    llama, prompt, expected, tmp_path
+):
+    """The route starts [NaN peer: 0-2] -> [honest: 3-5]. The client must see the NaN itself
+    and ban its sender (not the honest next hop, which would refuse it); blocks 0-2 then fail
+    over onto the honest peer, which already serves this session's blocks 3-5 on another
+    stream. Greedy tokens equal transformers'."""
+    tampering = [sys.executable, str(Path(__file__).with_name("tampering_peer.py")), "nan"]
+    with LocalSwarm(0, source=llama, workdir=tmp_path) as swarm:
+        honest = swarm.start_peer("honest", (0, 6))
+        nan = swarm.start_peer("nan", (0, 3), launcher=tampering)
+        swarm.wait_until_ready(timeout=180)
+        with DistributedModelForCausalLM.from_pretrained(
+            str(llama.path), initial_peers=swarm.initial_peers, step_timeout=STEP_TIMEOUT
+        ) as model:
+            real_route = model.router.route
+
+            async def through_the_nan_peer_first(start, end, **options):
+                if (start, end) == (0, 6):
+                    return [Hop(nan.peer_id, 0, 3), Hop(honest.peer_id, 3, 6)]
+                return await real_route(start, end, **options)
+
+            model.router.route = through_the_nan_peer_first
+            with model.inference_session(max_length=PROMPT_LENGTH + NEW_TOKENS) as session:
+                tokens = _generate(model, prompt, None, session)
+                route = [(hop.peer_id, hop.start, hop.end) for hop in session.route]
+            banned = model.bans.banned()
+    assert banned == {nan.peer_id}
+    assert route == [(honest.peer_id, 0, 3), (honest.peer_id, 3, 6)]
+    assert tokens == expected

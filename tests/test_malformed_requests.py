@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import threading
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any
 import msgpack
 import pytest
 import torch
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
 from swarmllm.blocks.sources import ModelSource
@@ -27,7 +29,7 @@ from swarmllm.blocks.span import BlockSpan
 from swarmllm.client.connection import SwarmConnection
 from swarmllm.client.hop import HopStream, SessionSpec
 from swarmllm.client.routing import Hop
-from swarmllm.protocol import ErrorCode, decode_meta, decode_tensors, encode_request
+from swarmllm.protocol import ErrorCode, Forward, Open, Step, unpack_meta
 from swarmllm.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
@@ -57,35 +59,39 @@ class Target:
     num_blocks: int
 
     def opening(self, **changes: Any) -> runtime_pb2.ExpertRequest:
-        fields = {
-            "model_id": self.model_id,
-            "session_id": uuid.uuid4().hex,
-            "start": 0,
-            "end": self.num_blocks,
-            "max_length": 32,
-            "batch": 1,
-            "pad_lengths": None,
-            "wire_dtype": "float32",
-            **changes,
-        }
-        return encode_request({"open": fields})
+        """An ``Open`` with ``changes`` written into its metadata as they are (any type)."""
+        request = Open(
+            self.model_id, uuid.uuid4().hex, secrets.token_bytes(16), 0, self.num_blocks, 32
+        ).encode()
+        return _changed(request, changes)
 
     def forward(self, hidden: torch.Tensor, **changes: Any) -> runtime_pb2.ExpertRequest:
-        meta = {
-            "model_id": self.model_id,
-            "start": 0,
-            "end": self.num_blocks,
-            "wire_dtype": "float32",
-            **changes,
-        }
-        return encode_request(meta, [hidden])
+        request = Forward(
+            self.model_id, secrets.token_bytes(16), 0, self.num_blocks, "float32", (hidden,)
+        ).encode()
+        return _changed(request, changes)
 
     def hidden(self, tokens: int, rows: int = 1, width: int | None = None) -> torch.Tensor:
         return torch.randn(rows, tokens, width or self.width)
 
 
+def _changed(request: runtime_pb2.ExpertRequest, changes: dict[str, Any]):
+    meta = {**msgpack.unpackb(request.metadata), **changes}
+    request.metadata = msgpack.packb(meta, use_bin_type=True)
+    return request
+
+
 def step(position: int, number: int, *tensors: torch.Tensor) -> runtime_pb2.ExpertRequest:
-    return encode_request({"position": position, "step": number}, tensors)
+    return Step(position, number, tensors).encode()
+
+
+def _nested_model_id(target: Target, depth: int) -> runtime_pb2.ExpertRequest:
+    """An opening whose model id is a list nested ``depth`` deep (msgpack's own packer refuses
+    to write one, so it is spliced in by hand)."""
+    request = target.opening(model_id="@@")
+    nested = b"\x91" * depth + msgpack.packb("x")
+    request.metadata = request.metadata.replace(msgpack.packb("@@"), nested)
+    return request
 
 
 class RawStream:
@@ -108,7 +114,7 @@ class RawStream:
             reply = await asyncio.wait_for(anext(self._replies), REPLY_TIMEOUT)
         except StopAsyncIteration:
             return None
-        return decode_meta(reply.metadata), decode_tensors(reply)
+        return _decoded(reply)
 
     async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while (request := await self._outbox.get()) is not None:
@@ -129,7 +135,7 @@ async def on_one_stream(target: Target, *requests: runtime_pb2.ExpertRequest) ->
             reply = await stream.ask(request)
             assert reply is not None, f"the peer closed the stream at request {index}"
             if index < len(requests) - 1:
-                assert "error" not in reply[0], f"request {index} failed: {reply[0]}"
+                assert reply[0]["kind"] != "error", f"request {index} failed: {reply[0]}"
         return reply
     finally:
         await stream.close()
@@ -143,15 +149,19 @@ async def forward_call(target: Target, request: runtime_pb2.ExpertRequest) -> Re
 
     replies = await asyncio.wait_for(stub.rpc_forward(single()), REPLY_TIMEOUT)
     reply = await asyncio.wait_for(anext(replies), REPLY_TIMEOUT)
-    return decode_meta(reply.metadata), decode_tensors(reply)
+    return _decoded(reply)
 
 
-async def open_many(target: Target, session_ids: list[str]) -> Reply:
-    """Open one stream per session id, keeping all open; return the last opening's reply."""
-    streams = [RawStream(target.connection, target.peer_id) for _ in session_ids]
+def _decoded(reply: runtime_pb2.ExpertResponse) -> Reply:
+    return unpack_meta(reply.metadata), [deserialize_torch_tensor(t) for t in reply.tensors]
+
+
+async def open_many(target: Target, stream_ids: list[str]) -> Reply:
+    """Open one stream per stream id, keeping all open; return the last opening's reply."""
+    streams = [RawStream(target.connection, target.peer_id) for _ in stream_ids]
     try:
-        for stream, session_id in zip(streams, session_ids, strict=True):
-            reply = await stream.ask(target.opening(session_id=session_id))
+        for stream, stream_id in zip(streams, stream_ids, strict=True):
+            reply = await stream.ask(target.opening(stream_id=stream_id))
             assert reply is not None
         return reply
     finally:
@@ -165,8 +175,8 @@ def _with_value(t: torch.Tensor, value: float) -> torch.Tensor:
 
 Scenario = Callable[[Target], Awaitable[Reply]]
 
-# name -> (scenario, words the error must contain); the reply code is INVALID unless noted
-CASES: dict[str, tuple[Scenario, tuple[str, ...]]] = {
+# name -> (scenario, words the error must contain[, the reply code if not INVALID])
+CASES: dict[str, tuple[Scenario, tuple[str, ...]] | tuple[Scenario, tuple[str, ...], str]] = {
     "metadata is not msgpack": (
         lambda t: on_one_stream(t, runtime_pb2.ExpertRequest(metadata=b"\xc1\x00")),
         ("not valid msgpack",),
@@ -207,9 +217,45 @@ CASES: dict[str, tuple[Scenario, tuple[str, ...]]] = {
         lambda t: on_one_stream(t, t.opening(max_length="lots")),
         ("'max_length' must be an integer",),
     ),
-    "empty session id": (
-        lambda t: on_one_stream(t, t.opening(session_id="")),
-        ("'session_id' must be a non-empty string",),
+    "empty stream id": (
+        lambda t: on_one_stream(t, t.opening(stream_id="")),
+        ("'stream_id' must be a non-empty string",),
+    ),
+    "a client of protocol 1": (
+        lambda t: on_one_stream(
+            t, runtime_pb2.ExpertRequest(metadata=msgpack.packb({"open": {"model_id": "x"}}))
+        ),
+        ("speaks swarmllm protocol 1", "upgrade the client"),
+        ErrorCode.VERSION,
+    ),
+    "a client of a later major version": (
+        lambda t: on_one_stream(t, t.opening(protocol=[3, 1])),
+        ("speaks swarmllm protocol 3.1",),
+        ErrorCode.VERSION,
+    ),
+    "pad length of 2**64 - 1": (
+        lambda t: on_one_stream(t, t.opening(pad_lengths=[2**64 - 1])),
+        ("'pad_lengths' must be a list", "non-negative integers"),
+    ),
+    "pad length as long as the session": (
+        lambda t: on_one_stream(t, t.opening(pad_lengths=[32])),
+        ("'pad_lengths' must be non-negative and below 32",),
+    ),
+    "model id nested 1000 deep": (
+        lambda t: on_one_stream(t, _nested_model_id(t, 1000)),
+        ("'model_id' must be a non-empty string", "got [[[...]]]"),
+    ),
+    "a model id of 50,000 chars is not echoed whole": (
+        lambda t: on_one_stream(t, t.opening(model_id="m" * 50_000)),
+        ("'model_id' must be a non-empty string", "'mmmm"),
+    ),
+    "metadata that decodes to a huge list": (
+        lambda t: on_one_stream(t, t.opening(junk=list(range(MAX_BYTES)))),
+        ("exceeds the limit of",),
+    ),
+    "a nonce too short to be unique": (
+        lambda t: on_one_stream(t, t.opening(nonce=b"1")),
+        ("'nonce' must be 16-64 bytes",),
     ),
     "wrong hidden size": (
         lambda t: on_one_stream(t, t.opening(), step(0, 1, t.hidden(4, width=t.width // 2))),
@@ -248,7 +294,7 @@ CASES: dict[str, tuple[Scenario, tuple[str, ...]]] = {
             t,
             t.opening(),
             runtime_pb2.ExpertRequest(
-                metadata=msgpack.packb({"position": 0, "step": 1}),
+                metadata=msgpack.packb({"kind": "step", "position": 0, "step": 1}),
                 tensors=[runtime_pb2.Tensor(buffer=b"junk", size=[1, 4, 64], dtype="float32")],
             ),
         ),
@@ -276,9 +322,9 @@ CASES: dict[str, tuple[Scenario, tuple[str, ...]]] = {
         lambda t: on_one_stream(t, t.opening(), step(0, 1, t.hidden(4)), step(9, 2, t.hidden(1))),
         ("position 9 leaves a gap", "holds 4 tokens"),
     ),
-    "session id already open": (
+    "stream id already open (by this client)": (
         lambda t: open_many(t, ["same-id", "same-id"]),
-        ("'same-id' is already open",),
+        ("stream 'same-id' of this client is already open",),
     ),
     "forward: NaN": (
         lambda t: forward_call(t, t.forward(_with_value(t.hidden(4), torch.nan))),
@@ -363,11 +409,13 @@ def honest(swarm: LocalSwarm, llama: ModelSource) -> Iterator[HonestRun]:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_malformed_request_gets_an_error_naming_the_problem(name, target, honest) -> None:
-    scenario, words = CASES[name]
+    scenario, words, *code = CASES[name]
     meta, tensors = target.connection.run(scenario(target), timeout=60)
-    assert meta.get("code") == ErrorCode.INVALID, meta
+    assert meta.get("kind") == "error", meta
+    assert meta.get("code") == (code[0] if code else ErrorCode.INVALID), meta
     for word in words:
-        assert word in meta["error"], meta["error"]
+        assert word in meta["message"], meta["message"]
+    assert len(meta["message"]) < 600  # echoed values are shortened
     assert not tensors
 
 
@@ -378,7 +426,7 @@ def test_too_many_sessions_from_one_client_are_refused_as_busy(swarm, target, ho
         ids = [uuid.uuid4().hex for _ in range(MAX_SESSIONS + 1)]
         meta, _ = connection.run(open_many(own, ids), timeout=60)
     assert meta.get("code") == ErrorCode.BUSY, meta
-    assert f"already holds {MAX_SESSIONS} sessions (the per-peer limit)" in meta["error"]
+    assert f"already holds {MAX_SESSIONS} sessions (the per-peer limit)" in meta["message"]
 
 
 def test_a_stream_keeps_serving_after_a_refused_step(target, honest) -> None:
@@ -397,8 +445,8 @@ def test_a_stream_keeps_serving_after_a_refused_step(target, honest) -> None:
             await stream.close()
 
     opened, refused, served = target.connection.run(scenario(), timeout=60)
-    assert opened[0].get("opened") and "NaN" in refused[0]["error"]
-    assert "error" not in served[0] and served[0]["step"] == 2
+    assert opened[0]["kind"] == "opened" and "NaN" in refused[0]["message"]
+    assert served[0]["kind"] == "reply" and served[0]["step"] == 2
     assert served[1][0].shape == good.shape
 
 
@@ -419,3 +467,31 @@ def test_the_concurrent_session_finished_with_correct_outputs(
     log = swarm.peers[0].log_tail(lines=10_000)
     assert "Traceback" not in log and "Handler failed" not in log
     assert "refused a request" in log
+
+
+def test_a_prompt_longer_than_one_message_is_sent_in_chunks_and_matches_transformers(
+    swarm, llama: ModelSource, honest
+) -> None:
+    """The peer takes MAX_TOKENS tokens a message: a 40-token prompt goes as chunks of 16, 16
+    and 8, the later ones after a non-empty cache (an explicit causal mask offset by the past
+    length). Logits and greedy tokens equal transformers'; nobody is banned."""
+    from transformers import AutoModelForCausalLM
+
+    from swarmllm.client.model import DistributedModelForCausalLM
+
+    prompt = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(11))
+    reference = AutoModelForCausalLM.from_pretrained(llama.path, dtype=torch.float32).eval()
+    reference.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        want_logits = reference(prompt).logits
+    want_tokens = reference.generate(prompt, max_new_tokens=8, do_sample=False)[0].tolist()
+    with DistributedModelForCausalLM.from_pretrained(
+        str(llama.path), initial_peers=swarm.initial_peers
+    ) as model:
+        logits = model.forward(prompt)
+        with model.inference_session(max_length=MAX_LENGTH) as session:
+            tokens = model.generate(prompt, session=session, max_new_tokens=8, eos_token_id=[])
+        banned = model.bans.banned()
+    torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=0)
+    assert tokens[0].tolist() == want_tokens
+    assert not banned

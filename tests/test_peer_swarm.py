@@ -100,28 +100,43 @@ def test_forward_and_inference_reproduce_the_local_span(swarm, connection, llama
 def test_a_session_over_the_cache_budget_is_refused_while_another_keeps_working(
     swarm, connection, llama
 ):
+    """The peer's 256 cache tokens: one client may reserve half of them. Two clients hold 100
+    each; a third asking for 100 finds the budget full, and the first asking for 40 more (which
+    the budget has) finds its own share used up. Both refusals are "busy", not faults."""
     peer = swarm.peers[0]
     hop = Hop(peer.peer_id, *peer.blocks)
     hidden = torch.randn(1, 4, llama.config.hidden_size)
 
-    async def scenario() -> str:
-        holder = HopStream(connection, hop, SessionSpec(llama.model_id, "holder", max_length=200))
-        await holder.open()
-        try:
-            greedy = HopStream(
-                connection, hop, SessionSpec(llama.model_id, "greedy", max_length=100)
-            )
-            with pytest.raises(HopFailure) as refused:
-                await greedy.open()
-            await holder.step(hidden, 0)  # the existing session is unaffected
-            await holder.step(hidden[:, :1], 4)
-            return str(refused.value), refused.value.fault
-        finally:
-            await holder.close()
+    def spec(name: str, max_length: int) -> SessionSpec:
+        return SessionSpec(llama.model_id, name, max_length=max_length)
 
-    message, fault = connection.run(scenario(), timeout=60)
-    assert "busy" in message and "cache tokens" in message
-    assert not fault  # busy is not a fault: the client routes elsewhere without banning
+    def refusal(client: SwarmConnection, stream_spec: SessionSpec) -> HopFailure:
+        stream = HopStream(client, hop, stream_spec)
+        with pytest.raises(HopFailure) as refused:
+            client.run(stream.open(), timeout=30)
+        client.run(stream.close(), timeout=30)
+        return refused.value
+
+    with (
+        SwarmConnection(swarm.initial_peers) as other,
+        SwarmConnection(swarm.initial_peers) as third,
+    ):
+        holders = [(connection, spec("a", 100)), (other, spec("b", 100))]
+        streams = [(client, HopStream(client, hop, held)) for client, held in holders]
+        try:
+            for client, stream in streams:
+                client.run(stream.open(), timeout=30)
+            budget = refusal(third, spec("greedy", 100))
+            share = refusal(connection, spec("a-more", 40))
+            first = streams[0][1]
+            connection.run(first.step(hidden, 0), timeout=30)  # the holders are unaffected
+            connection.run(first.step(hidden[:, :1], 4), timeout=30)
+        finally:
+            for client, stream in streams:
+                client.run(stream.close(), timeout=30)
+    assert "busy" in budget.reason and "cache tokens" in budget.reason
+    assert "are free" in budget.reason and "per-peer share" in share.reason
+    assert not budget.fault and not share.fault  # the client routes elsewhere without banning
 
 
 def test_automatic_block_selection_covers_the_model(llama, tmp_path):

@@ -15,6 +15,7 @@ from swarmllm.security.identity import peer_id_of
 from swarmllm.security.signing import (
     PROTOCOL_VERSION,
     ActivationDigest,
+    MessageKind,
     SignatureError,
     sign_activation,
     tensor_digest,
@@ -32,12 +33,16 @@ def digest() -> ActivationDigest:
     hidden = torch.randn(1, 3, 8)
     return ActivationDigest(
         protocol_version=PROTOCOL_VERSION,
+        kind=MessageKind.INFERENCE,
         model_id="tiny-llama",
-        session_id="session-1",
+        stream_id="stream-1",
+        nonce=b"n" * 16,
         position=5,
         step=2,
         start=3,
         end=7,
+        batch=1,
+        pad_lengths=(),
         input_digest=tensor_digest(hidden),
         output_digest=tensor_digest(hidden * 2),
     )
@@ -87,11 +92,15 @@ def test_sign_and_verify(key: Ed25519PrivateKey, digest: ActivationDigest) -> No
     [
         ("protocol_version", PROTOCOL_VERSION + 1),
         ("model_id", "other-model"),
-        ("session_id", "session-2"),
+        ("kind", MessageKind.FORWARD),  # a stream's reply replayed as a forward's, or back
+        ("stream_id", "stream-2"),
+        ("nonce", b"m" * 16),  # another stream that reuses the id
         ("position", 6),
         ("step", 3),
         ("start", 4),
         ("end", 8),
+        ("batch", 2),  # the same bytes read as another batch layout
+        ("pad_lengths", (1,)),
         ("input_digest", tensor_digest(torch.ones(1))),
         ("output_digest", tensor_digest(torch.ones(1))),
     ],
@@ -126,7 +135,18 @@ def test_malformed_signature_and_peer_id(key: Ed25519PrivateKey, digest: Activat
 def test_encoding_is_canonical_across_int_types(digest: ActivationDigest) -> None:
     numpy_fields = dataclasses.replace(digest, position=np.int64(5), step=np.int32(2))
     assert numpy_fields.to_bytes() == digest.to_bytes()
-    assert b"swarmllm-activation-v1" in digest.to_bytes()
+    assert b"swarmllm-activation-v2" in digest.to_bytes()
+
+
+def test_of_reads_the_layout_from_the_inputs_and_ignores_zero_padding() -> None:
+    hidden, output = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    args = (MessageKind.INFERENCE, "m", "s", b"n" * 16, 0, 1, 0, 4)
+    padded = ActivationDigest.of(*args, (0, 2), [hidden], output)
+    assert padded.batch == 2 and padded.pad_lengths == (0, 2)
+    unpadded = ActivationDigest.of(*args, (0, 0), [hidden], output)
+    assert (
+        unpadded.pad_lengths == () == ActivationDigest.of(*args, None, [hidden], output).pad_lengths
+    )
 
 
 def test_sign_and_verify_cost_stays_small(key: Ed25519PrivateKey, digest: ActivationDigest) -> None:

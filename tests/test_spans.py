@@ -206,3 +206,16 @@ def test_cache_cannot_rewind_past_its_length():
     cache.advance(5)
     with pytest.raises(ValueError, match="cannot rewind a cache of 5 tokens to 6"):
         cache.truncate(6)
+
+
+def test_a_cache_of_fixed_capacity_allocates_once_and_refuses_to_grow(source):
+    span = BlockSpan.from_weights(source.config, source.weight_files(), 0, 2)
+    fixed, growing = span.new_cache(capacity=20), span.new_cache()
+    width = source.config.hidden_size
+    for length in (7, 5, 1, 1, 6):  # multi-token chunks after a cache, as a peer gets them
+        x = torch.randn(1, length, width)
+        assert_close(span(x, fixed), span(x, growing), atol=1e-5)
+        assert {tuple(buffer.shape[-2:-1]) for buffer in fixed._keys} == {(20,)}
+    with pytest.raises(ValueError, match="21 tokens exceed the cache's capacity of 20"):
+        span(torch.randn(1, 1, width), fixed)
+    assert fixed.length == 20  # the refused step left the cache as it was

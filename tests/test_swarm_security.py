@@ -90,7 +90,7 @@ def test_a_private_peer_serves_only_listed_clients(private_swarm: PrivateSwarm, 
         with pytest.raises(HopFailure, match=refusal):
             stranger.run(stream.open(), timeout=30)
         stranger.run(stream.close(), timeout=30)
-        assert stranger.run(stranger.info(private_swarm.open_peer), timeout=30)["start"] == 0
+        assert stranger.run(stranger.info(private_swarm.open_peer), timeout=30).start == 0
 
     with SwarmConnection(swarm.initial_peers, identity=private_swarm.client_key) as listed:
         assert listed.peer_id == private_swarm.client_id

@@ -1,8 +1,10 @@
 """A per-session key/value cache for a span of decoder layers.
 
 transformers' attention modules only call ``cache.update(key, value, layer_idx, ...)``, so this
-small class stands in for ``DynamicCache``: it keeps one growable buffer per layer (amortised
-doubling instead of a ``torch.cat`` per step), and rewinding is just moving ``length`` back.
+small class stands in for ``DynamicCache``: it keeps one buffer per layer, and rewinding is just
+moving ``length`` back. A cache made with a ``capacity`` (a peer's session, admitted at that
+length) allocates each buffer once, at that capacity, and refuses to grow past it, so its memory
+is exactly what the session reserved; without one (local runs) buffers grow by doubling.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ MIN_CAPACITY = 64
 
 
 class KVCache:
-    def __init__(self, layer_indices: Iterable[int]):
+    def __init__(self, layer_indices: Iterable[int], capacity: int | None = None):
+        self.capacity = capacity
         self._slot = {layer: slot for slot, layer in enumerate(layer_indices)}
         self._keys: list[torch.Tensor | None] = [None] * len(self._slot)
         self._values: list[torch.Tensor | None] = [None] * len(self._slot)
@@ -30,11 +33,6 @@ class KVCache:
     def advance(self, num_tokens: int) -> None:
         """Commit the tokens written by the forward pass that just ran."""
         self.length += num_tokens
-
-    @property
-    def nbytes(self) -> int:
-        buffers = [b for b in self._keys + self._values if b is not None]
-        return sum(b.numel() * b.element_size() for b in buffers)
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs
@@ -53,6 +51,14 @@ class KVCache:
     ) -> torch.Tensor:
         if buffer is not None and buffer.shape[-2] >= end and buffer.shape[0] == new.shape[0]:
             return buffer
+        if self.capacity is not None:
+            if end > self.capacity:
+                raise ValueError(f"{end} tokens exceed the cache's capacity of {self.capacity}")
+            if buffer is not None:
+                raise ValueError(
+                    f"a cache of {buffer.shape[0]} rows cannot take {new.shape[0]} rows"
+                )
+            return new.new_empty(*new.shape[:2], self.capacity, new.shape[-1])
         capacity = max(MIN_CAPACITY, end, 2 * (buffer.shape[-2] if buffer is not None else 0))
         grown = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
         if buffer is not None and self.length:

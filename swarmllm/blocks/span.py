@@ -65,8 +65,9 @@ class BlockSpan(nn.Module):
             layers.append(layer)
         return cls(config, start, end, layers).eval()
 
-    def new_cache(self) -> KVCache:
-        return KVCache(range(self.start, self.end))
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """A cache for this span; with ``capacity``, allocated once at that many tokens."""
+        return KVCache(range(self.start, self.end), capacity)
 
     @torch.inference_mode()
     def forward(

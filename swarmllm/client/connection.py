@@ -19,8 +19,7 @@ from hivemind.p2p import P2P, PeerID
 from swarmllm.dht.coverage import get_coverage
 from swarmllm.dht.node import swarm_dht
 from swarmllm.dht.records import CoverageMap
-from swarmllm.peer.servicer import PeerServicer
-from swarmllm.protocol import SERVICER_NAMESPACE, decode_meta, encode_request, raise_if_error
+from swarmllm.protocol import Info, InfoReply, decode_reply, stub
 from swarmllm.security.identity import load_or_create_identity, peer_id_of
 
 T = TypeVar("T")
@@ -76,18 +75,16 @@ class SwarmConnection:
         return get_coverage(self.dht, model_id, num_blocks, extra_blocks=extra)
 
     def stub(self, peer_id: str):
-        return PeerServicer.get_stub(
-            self.p2p, PeerID.from_base58(peer_id), namespace=SERVICER_NAMESPACE
-        )
+        """The peer's RPC interface (``protocol.SwarmRPC``)."""
+        return stub(self.p2p, PeerID.from_base58(peer_id))
 
-    async def info(self, peer_id: str, timeout: float = PING_TIMEOUT) -> dict[str, Any]:
-        """The peer's ``info`` reply; records the round-trip time as the peer's RTT."""
+    async def info(self, peer_id: str, timeout: float = PING_TIMEOUT) -> InfoReply:
+        """The peer's ``info`` reply; records the round-trip time as the peer's RTT. Raises
+        ``RemoteError`` for an error reply, ``MalformedMessage`` for a malformed one."""
         started = time.perf_counter()
-        reply = await self.stub(peer_id).rpc_info(encode_request({}), timeout=timeout)
+        reply = await self.stub(peer_id).rpc_info(Info().encode(), timeout=timeout)
         self.rtt[peer_id] = time.perf_counter() - started
-        meta = decode_meta(reply.metadata)
-        raise_if_error(meta, peer_id)
-        return meta
+        return decode_reply(reply, InfoReply, peer_id)
 
     async def ping_all(self, peer_ids: Sequence[str], timeout: float = PING_TIMEOUT) -> None:
         """Measure RTTs to peers concurrently; unreachable ones get no RTT (routing then

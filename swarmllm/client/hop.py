@@ -1,14 +1,22 @@
-"""One open inference stream to one peer, for one sub-span, with every reply verified."""
+"""One open inference stream to one peer, for one sub-span, with every reply verified.
+
+Every stream has its own id and nonce (so does every replacement after a failover): a peer keys
+its session by (this client, stream id), and every signature of the stream covers the nonce. The
+client checks each reply itself (signature, shape, dtype, finite values), so a bad output is
+blamed on the peer that sent it, never on the next hop that would refuse it. A step longer than
+the peer's announced per-message limits is sent in chunks that fit them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -17,18 +25,38 @@ from swarmllm.blocks.vision import ImageInputs
 from swarmllm.client.connection import SwarmConnection
 from swarmllm.client.profile import HopTiming
 from swarmllm.client.routing import Hop
-from swarmllm.protocol import ErrorCode, decode_meta, decode_tensors, encode_request
+from swarmllm.protocol import (
+    CLOSE,
+    ErrorCode,
+    Forward,
+    MalformedMessage,
+    Open,
+    Opened,
+    RemoteError,
+    Reply,
+    Step,
+    decode_reply,
+)
 from swarmllm.security.signing import (
     ActivationDigest,
+    MessageKind,
     SignatureError,
     verify_activation,
 )
 
 logger = logging.getLogger("swarmllm.client")
 
+# Error codes that say nothing bad about the peer: it is busy, refuses a request the client got
+# wrong, speaks another version, or closed a session the client let idle. The client routes
+# around it for the session and never bans it for these.
+NOT_A_FAULT = frozenset({ErrorCode.BUSY, ErrorCode.INVALID, ErrorCode.VERSION, ErrorCode.EXPIRED})
+NONCE_BYTES = 16
+MESSAGE_OVERHEAD = 4096  # bytes of a message besides its tensors' data, when chunking
+
 
 class HopFailure(RuntimeError):
-    """A hop could not serve a step; ``fault`` is False for a healthy peer that is merely busy."""
+    """A hop could not serve a step; ``fault`` is False for a healthy peer (busy, or refusing
+    what the client itself got wrong)."""
 
     def __init__(self, hop: Hop, reason: str, *, fault: bool = True):
         super().__init__(f"peer {hop.peer_id} (blocks {hop.start}-{hop.end - 1}): {reason}")
@@ -40,7 +68,7 @@ class SessionSpec:
     """What every hop of one inference session is opened with."""
 
     model_id: str
-    session_id: str
+    session_id: str  # the client's name for the session (logs, evidence); never sent
     max_length: int
     batch: int = 1
     pad_lengths: tuple[int, ...] | None = None
@@ -57,27 +85,42 @@ PROBE_AFTER = 0.5  # seconds a reply may be late before the client checks the pe
 PROBE_TIMEOUT = 2.0  # seconds for that check
 
 
+@dataclass(frozen=True)
+class SignedReply:
+    """A peer's output with the digest it signed and its signature: evidence a third party
+    can check with the peer id alone."""
+
+    peer_id: str
+    digest: ActivationDigest
+    signature: bytes | None  # None only when the reply carried none and nobody checked
+    output: torch.Tensor
+
+
 class HopStream:
     def __init__(self, connection: SwarmConnection, hop: Hop, spec: SessionSpec):
         self.connection, self.hop, self.spec = connection, hop, spec
+        self.stream_id = uuid.uuid4().hex
+        self.nonce = secrets.token_bytes(NONCE_BYTES)
         self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         self._step = 0
+        self.limits: Opened | None = None  # the peer's per-message limits, from its opening
         self.last_timing: HopTiming | None = None  # of the latest step, for profiles
-        self.last_signature: object = None  # as the latest reply carried it (evidence)
+        self.last_replies: list[SignedReply] = []  # the latest step's, one per chunk (evidence)
 
     async def open(self) -> None:
-        opening = {
-            "model_id": self.spec.model_id,
-            "session_id": self.spec.session_id,
-            "start": self.hop.start,
-            "end": self.hop.end,
-            "max_length": self.spec.max_length,
-            "batch": self.spec.batch,
-            "pad_lengths": list(self.spec.pad_lengths) if self.spec.pad_lengths else None,
-            "wire_dtype": self.spec.wire_dtype,
-        }
-        self._outbox.put_nowait(encode_request({"open": opening}))
+        opening = Open(
+            model_id=self.spec.model_id,
+            stream_id=self.stream_id,
+            nonce=self.nonce,
+            start=self.hop.start,
+            end=self.hop.end,
+            max_length=self.spec.max_length,
+            batch=self.spec.batch,
+            pad_lengths=self.spec.pad_lengths,
+            wire_dtype=self.spec.wire_dtype,
+        )
+        self._outbox.put_nowait(opening.encode())
         try:
             stub = self.connection.stub(self.hop.peer_id)
             self._replies = await asyncio.wait_for(
@@ -85,50 +128,88 @@ class HopStream:
             )
         except Exception as e:
             raise HopFailure(self.hop, f"cannot open a stream: {e or type(e).__name__}") from e
-        meta, _ = await self._receive(self.spec.step_timeout)
-        if not meta.get("opened"):
-            raise HopFailure(self.hop, f"unexpected reply to opening the session: {meta}")
+        self.limits = await self._receive(self.spec.step_timeout, Opened)
 
     async def step(
         self, hidden: torch.Tensor, position: int, images: ImageInputs | None = None
     ) -> torch.Tensor:
         """Send new hidden states starting at ``position`` (with image features for the
-        adapter of a first hop); return the verified output."""
-        self._step += 1
+        adapter of a first hop), in as many messages as the peer's limits need; return the
+        verified output."""
         sent = time.perf_counter()
-        request = {"position": position, "step": self._step}
-        self._outbox.put_nowait(encode_request(request, _sent_tensors(hidden, images)))
-        meta, tensors = await self._receive(self.spec.timeout_for(hidden.shape[1]))
-        if meta.get("position") != position or meta.get("step") != self._step or len(tensors) != 1:
-            raise HopFailure(self.hop, f"reply does not match step {self._step}: {meta}")
-        output = tensors[0]
-        if output.shape != hidden.shape or output.dtype != hidden.dtype:
+        outputs, replies, timings = [], [], []
+        for begin, end in self._chunks(hidden, position, images):
+            chunk = hidden[:, begin - position : end - position]
+            reply, timing = await self._step_chunk(chunk, begin, _images_in(images, begin, end))
+            outputs.append(reply.output)
+            replies.append(reply)
+            timings.append(timing)
+        self.last_replies = replies
+        self.last_timing = HopTiming(
+            time.perf_counter() - sent,
+            sum(t["compute_ms"] for t in timings) / 1e3,
+            sum(t["queue_ms"] for t in timings) / 1e3,
+            sum(t["peer_ms"] for t in timings) / 1e3,
+            max(1, int(max(t["batch"] for t in timings))),
+        )
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _chunks(
+        self, hidden: torch.Tensor, position: int, images: ImageInputs | None
+    ) -> list[tuple[int, int]]:
+        """Token ranges ``[begin, end)`` of the messages that carry ``hidden``: each within
+        the peer's token and byte limits, none splitting an image's placeholders."""
+        assert self.limits is not None, "open the stream first"
+        rows, tokens, width = hidden.shape
+        per_token = rows * width * hidden.element_size()
+        budget = self.limits.max_bytes - MESSAGE_OVERHEAD
+        if images is not None:  # the worst case: every image in one message
+            budget -= sum(t.numel() * t.element_size() for t in images.tensors())
+        fit = max(1, budget // per_token)
+        size = max(1, min(self.limits.max_tokens, fit))
+        chunks, begin, stop = [], position, position + tokens
+        while begin < stop:
+            end = min(begin + size, stop)
+            if images is not None and end < stop:
+                straddling = images.positions[
+                    (images.positions.min(dim=1).values < end)
+                    & (images.positions.max(dim=1).values >= end)
+                ]
+                if straddling.numel():
+                    end = int(straddling.min())
+                    if end <= begin:
+                        raise ValueError(
+                            f"an image of {images.positions.shape[1]} tokens does not fit the "
+                            f"{size} tokens peer {self.hop.peer_id} takes in one message"
+                        )
+            chunks.append((begin, end))
+            begin = end
+        return chunks
+
+    async def _step_chunk(
+        self, hidden: torch.Tensor, position: int, images: ImageInputs | None
+    ) -> tuple[SignedReply, dict[str, float]]:
+        self._step += 1
+        tensors = _sent_tensors(hidden, images)
+        self._outbox.put_nowait(Step(position, self._step, tuple(tensors)).encode())
+        reply: Reply = await self._receive(self.spec.timeout_for(hidden.shape[1]), Reply)
+        if reply.position != position or reply.step != self._step:
             raise HopFailure(
                 self.hop,
-                f"reply has shape {list(output.shape)} {output.dtype}, "
-                f"expected {list(hidden.shape)} {hidden.dtype}",
+                f"reply to step {reply.step} at position {reply.position} does not match "
+                f"step {self._step} at position {position}",
             )
+        check_output(self.hop, hidden, reply.output)
+        digest = self.digest(position, self._step, hidden, reply.output, images)
         if self.spec.verify_signatures:
-            self._verify(meta, position, hidden, output, images)
-        self.last_timing = HopTiming.from_reply(time.perf_counter() - sent, meta)
-        self.last_signature = meta.get("signature")
-        return output
+            verify_reply(self.hop, digest, reply.signature)
+        signed = SignedReply(self.hop.peer_id, digest, reply.signature or None, reply.output)
+        return signed, dict(reply.timing)
 
     @property
     def steps_sent(self) -> int:
         """The step number of the latest message (steps count from 1)."""
         return self._step
-
-    def _verify(
-        self,
-        meta: dict[str, Any],
-        position: int,
-        hidden: torch.Tensor,
-        output: torch.Tensor,
-        images: ImageInputs | None,
-    ) -> None:
-        signed = self.digest(position, self._step, hidden, output, images)
-        verify_reply(self.hop, signed, meta.get("signature"))
 
     def digest(
         self,
@@ -138,25 +219,28 @@ class HopStream:
         output: torch.Tensor,
         images: ImageInputs | None = None,
     ) -> ActivationDigest:
-        """What the peer must have signed for ``output`` of step ``step``: the input digest
-        covers every tensor sent, image features and positions included."""
+        """What the peer must have signed for ``output`` of step ``step`` of this stream: the
+        input digest covers every tensor sent, image features and positions included."""
         return ActivationDigest.of(
+            MessageKind.INFERENCE,
             self.spec.model_id,
-            self.spec.session_id,
+            self.stream_id,
+            self.nonce,
             position,
             step,
             self.hop.start,
             self.hop.end,
+            self.spec.pad_lengths,
             _sent_tensors(hidden, images),
             output,
         )
 
-    async def _receive(self, timeout: float) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    async def _receive(self, timeout: float, expected: type):
         """The next reply. While it is late, ping the peer every ``PROBE_AFTER`` seconds: a
         dead peer's stream does not always drop, and a failed ping fails the hop at once
         instead of at the timeout."""
         assert self._replies is not None
-        reply = asyncio.ensure_future(read_reply(self._replies, self.hop, timeout))
+        reply = asyncio.ensure_future(read_reply(self._replies, self.hop, timeout, expected))
         try:
             while True:
                 done, _ = await asyncio.wait({reply}, timeout=PROBE_AFTER)
@@ -183,7 +267,7 @@ class HopStream:
 
     async def close(self) -> None:
         """End the session on the peer (an empty message), then the stream itself."""
-        self._outbox.put_nowait(runtime_pb2.ExpertRequest())
+        self._outbox.put_nowait(CLOSE)
         self._outbox.put_nowait(None)
         if self._replies is not None:
             with contextlib.suppress(Exception):
@@ -191,9 +275,10 @@ class HopStream:
 
 
 async def read_reply(
-    replies: AsyncIterator[runtime_pb2.ExpertResponse], hop: Hop, timeout: float
-) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """The next reply of a stream, decoded; every way it can fail becomes a ``HopFailure``."""
+    replies: AsyncIterator[runtime_pb2.ExpertResponse], hop: Hop, timeout: float, expected: type
+):
+    """The next reply of a stream, decoded as ``expected``; every way it can fail becomes a
+    ``HopFailure`` (not the peer's fault for the codes in ``NOT_A_FAULT``)."""
     try:
         reply = await asyncio.wait_for(anext(replies), timeout)
     except StopAsyncIteration:
@@ -203,20 +288,34 @@ async def read_reply(
     except Exception as e:
         raise HopFailure(hop, f"stream failed: {e or type(e).__name__}") from e
     try:
-        meta, tensors = decode_meta(reply.metadata), decode_tensors(reply)
-    except ValueError as e:
+        return decode_reply(reply, expected)
+    except RemoteError as e:
+        fault = e.code not in NOT_A_FAULT
+        if not fault:
+            logger.warning("peer %s refused (%s): %s", hop.peer_id, e.code, e.reason)
+        raise HopFailure(hop, f"error reply ({e.code}): {e.reason}", fault=fault) from e
+    except MalformedMessage as e:
         raise HopFailure(hop, f"malformed reply: {e}") from e
-    if "error" in meta:
-        busy = meta.get("code") == ErrorCode.BUSY
-        raise HopFailure(hop, f"error reply: {meta['error']}", fault=not busy)
-    return meta, tensors
 
 
-def verify_reply(hop: Hop, signed: ActivationDigest, signature: object) -> None:
+def check_output(hop: Hop, hidden: torch.Tensor, output: torch.Tensor) -> None:
+    """The hop's output must have its input's shape and dtype and finite values: a reply that
+    does not is the sending peer's fault."""
+    if output.shape != hidden.shape or output.dtype != hidden.dtype:
+        raise HopFailure(
+            hop,
+            f"reply has shape {list(output.shape)} {output.dtype}, "
+            f"expected {list(hidden.shape)} {hidden.dtype}",
+        )
+    if not torch.isfinite(output).all():
+        raise HopFailure(hop, "reply contains NaN or Inf values")
+
+
+def verify_reply(hop: Hop, signed: ActivationDigest, signature: bytes) -> None:
     """Check the hop's signature over ``signed``; log the evidence and fail the hop if bad."""
     try:
-        if not isinstance(signature, bytes):
-            raise SignatureError(f"reply from {hop.peer_id} carries no signature")
+        if not signature:
+            raise SignatureError(f"reply from {hop.peer_id} carries no signature", hop.peer_id, 0)
         verify_activation(hop.peer_id, signed, signature)
     except SignatureError as e:
         logger.error(
@@ -228,17 +327,6 @@ def verify_reply(hop: Hop, signed: ActivationDigest, signature: object) -> None:
             e,
         )
         raise HopFailure(hop, f"invalid signature: {e}") from e
-
-
-@dataclass(frozen=True)
-class SignedReply:
-    """A peer's output with the digest it signed and its signature: evidence a third party
-    can check with the peer id alone."""
-
-    peer_id: str
-    digest: ActivationDigest
-    signature: bytes | None  # None only when the reply carried none and nobody checked
-    output: torch.Tensor
 
 
 async def remote_forward(
@@ -268,29 +356,38 @@ async def signed_forward(
     verify_signatures: bool = True,
 ) -> SignedReply:
     """``remote_forward`` returning the signed reply (``pad_lengths``: left padding per row)."""
-    meta = {
-        "model_id": model_id,
-        "start": hop.start,
-        "end": hop.end,
-        "wire_dtype": str(hidden.dtype).removeprefix("torch."),
-        "pad_lengths": list(pad_lengths) if pad_lengths else None,
-    }
+    request = Forward(
+        model_id=model_id,
+        nonce=secrets.token_bytes(NONCE_BYTES),
+        start=hop.start,
+        end=hop.end,
+        wire_dtype=str(hidden.dtype).removeprefix("torch."),
+        tensors=(hidden,),
+        pad_lengths=pad_lengths,
+    )
     try:
         stub = connection.stub(hop.peer_id)
-        replies = await asyncio.wait_for(
-            stub.rpc_forward(_single(encode_request(meta, [hidden]))), timeout
-        )
+        replies = await asyncio.wait_for(stub.rpc_forward(_single(request.encode())), timeout)
     except Exception as e:
         raise HopFailure(hop, f"cannot call forward: {e or type(e).__name__}") from e
-    reply_meta, tensors = await read_reply(replies, hop, timeout)
-    if len(tensors) != 1 or tensors[0].shape != hidden.shape:
-        raise HopFailure(hop, f"forward reply has the wrong shape: {reply_meta}")
-    signed = ActivationDigest.of(model_id, "", 0, 0, hop.start, hop.end, [hidden], tensors[0])
-    signature = reply_meta.get("signature")
+    reply: Reply = await read_reply(replies, hop, timeout, Reply)
+    check_output(hop, hidden, reply.output)
+    signed = ActivationDigest.of(
+        MessageKind.FORWARD,
+        model_id,
+        "",
+        request.nonce,
+        0,
+        0,
+        hop.start,
+        hop.end,
+        pad_lengths,
+        [hidden],
+        reply.output,
+    )
     if verify_signatures:
-        verify_reply(hop, signed, signature)
-    signature = signature if isinstance(signature, bytes) else None
-    return SignedReply(hop.peer_id, signed, signature, tensors[0])
+        verify_reply(hop, signed, reply.signature)
+    return SignedReply(hop.peer_id, signed, reply.signature or None, reply.output)
 
 
 async def _single(request: runtime_pb2.ExpertRequest) -> AsyncIterator[runtime_pb2.ExpertRequest]:
@@ -300,3 +397,13 @@ async def _single(request: runtime_pb2.ExpertRequest) -> AsyncIterator[runtime_p
 def _sent_tensors(hidden: torch.Tensor, images: ImageInputs | None) -> list[torch.Tensor]:
     """The tensors of a step's request, in order: what the peer's signature covers."""
     return [hidden, *(images.tensors() if images is not None else ())]
+
+
+def _images_in(images: ImageInputs | None, begin: int, end: int) -> ImageInputs | None:
+    """The images whose placeholders lie in ``[begin, end)`` (chunks never split one)."""
+    if images is None:
+        return None
+    inside = ((images.positions >= begin) & (images.positions < end)).all(dim=1)
+    if not inside.any():
+        return None
+    return ImageInputs(images.features[inside], images.positions[inside])

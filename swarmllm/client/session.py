@@ -1,9 +1,12 @@
 """An inference session across a chain of peers, with failover that replays history.
 
-The client keeps, for every hop, the inputs it has sent (positions 0..n). When a hop fails it
-bans the peer, routes only that hop's blocks again (possibly across several peers), replays the
-stored inputs to rebuild their caches, and retries the step where it failed. Replay restarts
-from position 0, so the replacement's cache matches the failed peer's exactly.
+The client keeps, for every hop, the inputs it has sent (positions 0..n), committed only when a
+step has run through the whole chain. When a hop fails through its own fault the client bans the
+peer (a peer that is busy, or refuses the client's own bad request, is only avoided for the
+session), routes only that hop's blocks again (possibly across several peers), replays the
+stored inputs to rebuild their caches (in chunks within each peer's limits), and retries the
+step where it failed. Replay restarts from position 0, so the replacement's cache matches the
+failed peer's exactly.
 """
 
 from __future__ import annotations
@@ -82,6 +85,10 @@ class InferenceSession:
             )
         if position < self.position:
             self._rewind(position)
+        # the inputs each hop accepted in this step: committed to the history only once the
+        # whole chain has run it, so a step that fails half-way leaves no hop's history (and
+        # no later replay) holding its tokens; the peers' caches are rewound by the next step
+        accepted: list[torch.Tensor] = []
         index = 0
         while index < len(self.hops):
             first_hop_images = images if index == 0 else None
@@ -100,11 +107,13 @@ class InferenceSession:
             if self.profile is not None and self.hops[index].last_timing is not None:
                 phase = phase_of(hidden.shape[1])
                 self.profile.add_hop(self.hops[index].hop, phase, self.hops[index].last_timing)
-            self.history[index].append(hidden)
-            if first_hop_images is not None:
-                self.images = _merged(self.images, first_hop_images)
+            accepted.append(hidden)
             hidden = output
             index += 1
+        for chunks, sent in zip(self.history, accepted, strict=True):
+            chunks.append(sent)
+        if images is not None:
+            self.images = _merged(self.images, images)
         self.position = position + hidden.shape[1]
         return hidden
 

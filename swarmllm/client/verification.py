@@ -56,7 +56,8 @@ class VerificationEvidence:
     position: int
     start: int
     end: int
-    # the checked hop's reply first (the step's tokens), then the verifiers' (whole sequence)
+    # the checked hop's replies first (the step's tokens, one per message it took), then the
+    # verifiers' (whole sequence)
     replies: tuple[SignedReply, ...]
     banned: tuple[str, ...]
 
@@ -142,19 +143,13 @@ class SpotChecker:
             logger.info("no verifier answered for blocks %d-%d", hop.start, hop.end - 1)
             return
         banned = outliers(answers, _tolerance(output.dtype, answers, records))
-        primary = SignedReply(
-            hop.peer_id,
-            stream.digest(position, stream.steps_sent, hidden, output),
-            stream.last_signature if isinstance(stream.last_signature, bytes) else None,
-            output,
-        )
         evidence = VerificationEvidence(
             session_id=stream.spec.session_id,
             step=stream.steps_sent,
             position=position,
             start=hop.start,
             end=hop.end,
-            replies=(primary, *replies),
+            replies=(*stream.last_replies, *replies),
             banned=tuple(sorted(banned)),
         )
         self.evidence.append(evidence)

@@ -20,6 +20,9 @@ LIMIT_FLAGS = {
     "max_session_length": "tokens a session may hold (default 8192)",
     "max_message_bytes": "bytes of one request (default 64 MiB)",
     "max_sessions_per_peer": "sessions one client may hold at once (default 8)",
+    "max_cache_tokens_per_peer": "cache tokens one client may reserve (default: half the budget)",
+    "max_forward_tokens": "rows x tokens of one stateless forward (default 4096)",
+    "max_session_lifetime": "seconds a session may stay open (default 3600)",
 }
 
 

@@ -4,7 +4,10 @@ Every forward pass of the peer goes through one queue served by the single compu
 A single-token step of a session (a decode step) waits in the queue with the others; when the
 compute thread takes one, it takes every queued decode step of the same span with it, and
 runs them as one batch (``BlockSpan.decode_batch``), each session with its own cache. Anything
-else (a prompt, a replay, a stateless forward) runs alone.
+else (a prompt, a replay, a stateless forward) runs alone. Inference steps go first: a stateless
+forward (a spot-check, or anyone's bulk job) runs only when no inference step is queued, or once
+it has waited ``FORWARD_MAX_WAIT`` seconds. Every job taken from the queue gets its result or an
+error, whatever fails.
 
 While a session that sent a decode step for that span in the last ``active_period`` seconds
 is missing from the batch, the batch waits for it, at most ``window`` seconds: a lone session
@@ -43,6 +46,10 @@ T = TypeVar("T")
 MAX_AUTO_WINDOW = 0.05  # seconds: the default window is the last decode pass, at most this
 ACTIVE_PERIOD = 1.0  # a session that sent a decode step this recently is expected again
 MAX_BATCH_ROWS = 64
+# A batched pass lines every row's keys up to the longest session's (right padding): its
+# attention holds rows x longest tokens per layer, whatever the sessions' own lengths.
+MAX_BATCH_TOKENS = 32768
+FORWARD_MAX_WAIT = 2.0  # seconds a stateless forward may be overtaken by inference steps
 
 
 class Computed(NamedTuple):
@@ -77,11 +84,13 @@ class BatchingWorker(ComputeWorker):
         window: float | None = None,
         active_period: float = ACTIVE_PERIOD,
         max_rows: int = MAX_BATCH_ROWS,
+        max_tokens: int = MAX_BATCH_TOKENS,
     ):
         super().__init__(num_threads)
         self.threads = num_threads or torch.get_num_threads()
         self.decode_threads = decode_threads
         self.window, self.active_period, self.max_rows = window, active_period, max_rows
+        self.max_tokens = max_tokens  # rows x longest cache of one batched pass
         self._last_pass: dict[BlockSpan, float] = {}  # seconds of each span's last decode pass
         self._queue: deque[_Job] = deque()
         self._arrived = asyncio.Event()
@@ -111,13 +120,34 @@ class BatchingWorker(ComputeWorker):
 
     async def _dispatch(self) -> None:
         while self._queue:
-            job = self._queue.popleft()
+            job = self._next()
             if job.future.done():  # its request was cancelled while it waited
                 continue
-            if job.batchable:
-                await self._run_batch(await self._gather(job))
-            else:
-                await self._run_alone(job)
+            taken = [job]
+            try:
+                if job.batchable:
+                    taken = await self._gather(job)
+                    await self._run_batch(taken)
+                else:
+                    await self._run_alone(job)
+            except BaseException as e:  # a bug here must not leave a request waiting forever
+                logger.exception("the batching dispatcher failed", exc_info=e)
+                error = e if isinstance(e, Exception) else RuntimeError("the peer is stopping")
+                for waiting in taken:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(error)
+                if not isinstance(e, Exception):
+                    raise
+
+    def _next(self) -> _Job:
+        """The oldest inference step, unless a stateless forward has waited too long."""
+        oldest = self._queue[0]
+        if oldest.cache is None and time.perf_counter() - oldest.submitted < FORWARD_MAX_WAIT:
+            for index, job in enumerate(self._queue):
+                if job.cache is not None:
+                    del self._queue[index]
+                    return job
+        return self._queue.popleft()
 
     async def _gather(self, first: _Job) -> list[_Job]:
         """``first`` and the queued decode steps of its span, after waiting (at most
@@ -128,12 +158,14 @@ class BatchingWorker(ComputeWorker):
         deadline = time.monotonic() + window
         while True:
             batch, rows = [first], first.hidden.shape[0]
+            longest = first.cache.length + 1
             for job in self._queue:
                 if job.span is first.span and job.batchable and not job.future.done():
-                    if rows + job.hidden.shape[0] > self.max_rows:
-                        break
+                    more, length = job.hidden.shape[0], max(longest, job.cache.length + 1)
+                    if rows + more > self.max_rows or (rows + more) * length > self.max_tokens:
+                        continue  # runs in a later pass
                     batch.append(job)
-                    rows += job.hidden.shape[0]
+                    rows, longest = rows + more, length
             now = time.monotonic()
             # when each active session missing from the batch stops counting as active
             missing = [

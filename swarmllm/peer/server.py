@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import signal
@@ -49,7 +50,7 @@ class PeerSettings:
     max_sessions: int = 32
     public_name: str = ""
     dtype: str = "float32"
-    session_timeout: float = 300.0
+    session_timeout: float = 300.0  # idle seconds before a session's stream is closed
     refresh_period: float = 10.0
     num_threads: int | None = None  # torch threads for passes over several tokens
     decode_threads: int = 1  # torch threads for single-token (decode) passes
@@ -139,8 +140,14 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
             throughput = await worker.run(
                 cached_throughput, span, source.model_id, cache_root() / "throughput.json"
             )
+            limits = dataclasses.replace(
+                settings.limits, session_idle_timeout=settings.session_timeout
+            )
             registry = SessionRegistry(
-                settings.cache_tokens, settings.max_sessions, settings.limits.max_sessions_per_peer
+                settings.cache_tokens,
+                settings.max_sessions,
+                limits.max_sessions_per_peer,
+                limits.max_cache_tokens_per_peer,
             )
             info = {
                 "model_id": source.model_id,
@@ -159,7 +166,7 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 PeerIdentity(source.model_id, swarmllm.__version__, private_key),
                 registry,
                 worker,
-                settings.limits,
+                limits,
                 info,
                 allowed_peers=settings.allowed_peers,
                 adapter=adapter,
@@ -173,7 +180,7 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 + (f", with the {adapter.name} adapter" if adapter is not None else ""),
                 flush=True,
             )
-            await _maintain(stop, registry, announcer, settings)
+            await _maintain(stop, registry, announcer)
             await servicer.remove_p2p_handlers(p2p, namespace=SERVICER_NAMESPACE)
         finally:
             if announcer is not None:
@@ -198,18 +205,13 @@ async def _choose_blocks(
     return choose_span(coverage, wanted, exclude_peer=dht.peer_id.to_base58())
 
 
-async def _maintain(
-    stop: asyncio.Event, registry: SessionRegistry, announcer: Announcer, settings: PeerSettings
-) -> None:
-    """Until asked to stop: expire idle sessions and keep the announced cache room current."""
+async def _maintain(stop: asyncio.Event, registry: SessionRegistry, announcer: Announcer) -> None:
+    """Until asked to stop: keep the announced cache room current (each session's stream ends
+    it when it idles or outlives its lifetime)."""
     announced_room = registry.tokens_left
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=MAINTENANCE_PERIOD)
-        for session_id in registry.expire_idle(settings.session_timeout):
-            logger.info(
-                "session %s expired after %.0f s idle", session_id, settings.session_timeout
-            )
         if registry.tokens_left != announced_room:
             announced_room = registry.tokens_left
             announcer.update(cache_tokens_left=announced_room)

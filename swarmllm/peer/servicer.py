@@ -1,19 +1,29 @@
-"""The peer's RPC handlers: ``info``, stateless ``forward`` and the ``inference`` stream."""
+"""The peer's RPC handlers (``protocol.SwarmRPC``): ``info``, stateless ``forward`` and the
+``inference`` stream.
+
+The event loop only routes messages: decoding, every check of a tensor, digests and signing run
+on the codec threads, and compute on the compute thread, so a large message never stalls the
+other sessions or the pings.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import (  # noqa: UP035 - hivemind only detects streaming RPCs typed with typing.AsyncIterator
     Any,
     AsyncIterator,
+    TypeVar,
 )
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from swarmllm.blocks.span import BlockSpan
@@ -21,30 +31,39 @@ from swarmllm.blocks.vision import ADAPTER_BLOCK, ImageInputs, VisionAdapter
 from swarmllm.peer.batching import BatchingWorker, Computed
 from swarmllm.peer.sessions import BusyError, Session, SessionRegistry
 from swarmllm.protocol import (
+    Error,
     ErrorCode,
-    decode_meta,
-    decode_tensors,
-    encode_response,
-    error_response,
+    Forward,
+    InfoReply,
+    MalformedMessage,
+    Open,
+    Opened,
+    Reply,
+    Step,
+    SwarmRPC,
+    VersionMismatch,
+    is_close,
+    shorten,
+    unpack_meta,
 )
-from swarmllm.security.signing import (
-    ActivationDigest,
-    sign_activation,
-)
+from swarmllm.security.signing import ActivationDigest, MessageKind, sign_activation
 from swarmllm.security.validation import (
     InvalidRequest,
     RequestLimits,
     check_hidden_states,
     check_image_inputs,
-    check_int,
     check_message_size,
-    check_str,
+    check_pad_lengths,
+    check_range,
     wire_dtype,
 )
 
 logger = logging.getLogger("swarmllm.peer")
 
+T = TypeVar("T")
+
 END_OF_STREAM_WAIT = 5.0  # seconds a forward stream waits for the client to end it
+CODEC_THREADS = 2
 
 
 @dataclass
@@ -54,7 +73,16 @@ class PeerIdentity:
     private_key: Ed25519PrivateKey
 
 
-class PeerServicer(ServicerBase):
+@dataclass(frozen=True)
+class _Inputs:
+    """A request's tensors, checked: the hidden states, what followed them, the images."""
+
+    hidden: torch.Tensor
+    extra: list[torch.Tensor]
+    images: ImageInputs | None
+
+
+class PeerServicer(SwarmRPC):
     def __init__(
         self,
         span: BlockSpan,
@@ -72,13 +100,27 @@ class PeerServicer(ServicerBase):
         self.adapter = adapter  # the vision adapter block, served only with block 0
         self.compute_dtype = next(span.parameters()).dtype
         self._sub_spans: dict[tuple[int, int], BlockSpan] = {}
+        self._codec = ThreadPoolExecutor(CODEC_THREADS, thread_name_prefix="swarmllm-codec")
+        self._forwards: Counter[str] = Counter()  # stateless forwards running, per client
+
+    async def _off_loop(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._codec, fn, *args)
+
+    # --- info ---------------------------------------------------------------------------------
 
     async def rpc_info(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
         if (refusal := self._refuse_unlisted(context)) is not None:
             return refusal
-        return encode_response({**self.info, "cache_tokens_left": self.registry.tokens_left})
+        return InfoReply(
+            **self.info,
+            cache_tokens_left=self.registry.tokens_left,
+            max_tokens=self.limits.max_tokens_per_message,
+            max_bytes=self.limits.max_message_bytes,
+        ).encode()
+
+    # --- stateless forward --------------------------------------------------------------------
 
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -93,140 +135,263 @@ class PeerServicer(ServicerBase):
             await asyncio.wait_for(anext(requests), END_OF_STREAM_WAIT)
         except (StopAsyncIteration, asyncio.TimeoutError):
             return
-        yield error_response("forward takes one request per stream", ErrorCode.INVALID)
+        yield Error("forward takes one request per stream", ErrorCode.INVALID).encode()
 
     async def _forward_reply(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
         if (refusal := self._refuse_unlisted(context)) is not None:
             return refusal
+        remote = context.remote_id.to_base58()
+        if self._forwards[remote] >= self.limits.max_forwards_per_peer:
+            return Error(
+                f"busy: this client already runs {self._forwards[remote]} stateless forwards "
+                "(the per-peer limit)",
+                ErrorCode.BUSY,
+            ).encode()
+        self._forwards[remote] += 1
         try:
             received = time.perf_counter()
-            meta = self._decode(request)
-            start, end = self._check_span(meta)
-            dtype = wire_dtype(meta.get("wire_dtype"))
-            hidden, extra = self._hidden_states(request, dtype, batch=None)
-            images = self._images(extra, hidden, start, 0)
-            pad_lengths = self._pad_lengths(meta, hidden.shape[0])
-            span = self._sub_span(start, end)
-            inputs = await self._compute_input(hidden, images, 0)
-            computed = await self.worker.forward(span, inputs, None, pad_lengths)
-            return self._signed_reply(
-                meta, "", 0, 0, start, end, [hidden, *extra], computed, dtype, received
+            forward, inputs, pads = await self._off_loop(self._decode_forward, request)
+            span = self._sub_span(forward.start, forward.end)
+            hidden = await self._compute_input(inputs.hidden, inputs.images, 0)
+            computed = await self.worker.forward(span, hidden, None, pads)
+            digest = (MessageKind.FORWARD, "", forward.nonce, 0, 0, forward.start, forward.end)
+            return await self._off_loop(
+                self._signed_reply,
+                digest,
+                forward.pad_lengths,
+                [inputs.hidden, *inputs.extra],
+                computed,
+                wire_dtype(forward.wire_dtype),
+                received,
             )
-        except InvalidRequest as e:
+        except MalformedMessage as e:
             return self._refuse(e, context)
         except Exception as e:  # a bug, not bad input: answer, log once, keep serving
             return self._internal_error(e, context)
+        finally:
+            self._forwards[remote] -= 1
+            if not self._forwards[remote]:
+                del self._forwards[remote]
+
+    def _decode_forward(
+        self, request: runtime_pb2.ExpertRequest
+    ) -> tuple[Forward, _Inputs, torch.Tensor | None]:
+        """(codec thread) The forward request, every field and tensor checked."""
+        check_message_size(request.ByteSize(), self.limits)
+        forward = Forward.decode(unpack_meta(request.metadata), request)
+        self._check_span(forward.model_id, forward.start, forward.end)
+        inputs = self._inputs(
+            list(forward.tensors), wire_dtype(forward.wire_dtype), None, forward.start, 0
+        )
+        rows, tokens = inputs.hidden.shape[:2]
+        if rows * tokens > self.limits.max_forward_tokens:
+            raise InvalidRequest(
+                f"a forward of {rows} x {tokens} tokens exceeds the limit of "
+                f"{self.limits.max_forward_tokens} tokens (rows x tokens)"
+            )
+        pads = check_pad_lengths(forward.pad_lengths, rows, tokens)
+        return forward, inputs, pads
+
+    # --- inference stream -------------------------------------------------------------------
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        if (refusal := self._refuse_unlisted(context)) is not None:
+            yield refusal
+            return
+        remote = context.remote_id.to_base58()
+        started = time.monotonic()
         session: Session | None = None
         try:
-            async for request in requests:
-                if session is None and (refusal := self._refuse_unlisted(context)) is not None:
-                    yield refusal
+            while True:
+                wait = self._time_left(session, started)
+                try:
+                    request = await asyncio.wait_for(anext(requests), max(wait, 0.0))
+                except StopAsyncIteration:
                     return
-                if not request.metadata and not request.tensors:
+                except asyncio.TimeoutError:
+                    yield self._expired(session, context).encode()
+                    return  # ends the stream; the finally below frees the cache
+                if is_close(request):
                     return  # the client ends the session
                 try:
-                    meta = self._decode(request)
                     if session is None:
-                        session = self._open(meta, context)
-                        yield encode_response({"opened": True, "version": self.identity.version})
+                        session = await self._open(request, remote)
+                        yield Opened(
+                            self.identity.version,
+                            self.limits.max_tokens_per_message,
+                            self.limits.max_message_bytes,
+                        ).encode()
                     else:
-                        yield await self._step(session, meta, request)
-                except InvalidRequest as e:
+                        yield await self._step(session, request)
+                except VersionMismatch as e:
+                    yield Error(str(e), ErrorCode.VERSION).encode()
+                    return
+                except MalformedMessage as e:
                     yield self._refuse(e, context)
                 except BusyError as e:
-                    yield error_response(str(e), ErrorCode.BUSY)
+                    yield Error(str(e), ErrorCode.BUSY).encode()
                     return
                 except Exception as e:  # the session's cache may be inconsistent: end it
                     yield self._internal_error(e, context)
                     return
         finally:
             if session is not None:
-                self.registry.close(session.session_id)
+                self.registry.close(session)
 
-    def _open(self, meta: dict[str, Any], context: P2PContext) -> Session:
-        opening = meta.get("open")
-        if not isinstance(opening, dict):
-            raise InvalidRequest("unknown session: the first message must open a session")
-        start, end = self._check_span(opening)
-        batch = check_int(opening, "batch", 1, self.limits.max_batch)
+    def _time_left(self, session: Session | None, started: float) -> float:
+        """Seconds the stream may wait for its next message: the idle timeout, and at most
+        what is left of the session's lifetime."""
+        now = time.monotonic()
+        if session is None:
+            return started + self.limits.session_idle_timeout - now
+        return (
+            min(
+                session.last_used + self.limits.session_idle_timeout,
+                session.opened_at + self.limits.max_session_lifetime,
+            )
+            - now
+        )
+
+    def _expired(self, session: Session | None, context: P2PContext) -> Error:
+        if session is None:
+            message = f"no session opened within {self.limits.session_idle_timeout:.0f} s"
+        elif time.monotonic() - session.opened_at >= self.limits.max_session_lifetime:
+            message = (
+                f"session expired: open longer than the {self.limits.max_session_lifetime:.0f} s "
+                "a session may last; its cache is freed"
+            )
+        else:
+            message = (
+                f"session expired: no step for {self.limits.session_idle_timeout:.0f} s; "
+                "its cache is freed"
+            )
+        logger.info("closed a stream of %s: %s", context.remote_id, message)
+        return Error(message, ErrorCode.EXPIRED)
+
+    async def _open(self, request: runtime_pb2.ExpertRequest, remote: str) -> Session:
+        opening = await self._off_loop(self._decode_open, request)
+        start, end = opening.start, opening.end
+        pads = check_pad_lengths(opening.pad_lengths, opening.batch, opening.max_length)
         session = Session(
-            session_id=check_str(opening, "session_id"),
-            remote_peer=context.remote_id.to_base58(),
+            stream_id=opening.stream_id,
+            remote_peer=remote,
+            nonce=opening.nonce,
             start=start,
             end=end,
-            max_length=check_int(opening, "max_length", 1, self.limits.max_session_length),
-            batch=batch,
-            wire_dtype=wire_dtype(opening.get("wire_dtype")),
-            cache=self._sub_span(start, end).new_cache(),
-            pad_lengths=self._pad_lengths(opening, batch),
+            max_length=opening.max_length,
+            batch=opening.batch,
+            wire_dtype=wire_dtype(opening.wire_dtype),
+            cache=self._sub_span(start, end).new_cache(capacity=opening.max_length),
+            pad_lengths=opening.pad_lengths if pads is not None else None,
+            pad_tensor=pads,
         )
         try:
             self.registry.open(session)
-        except ValueError as e:  # the session id is taken
+        except ValueError as e:  # this client reuses one of its own open stream ids
             raise InvalidRequest(str(e)) from e
         return session
 
+    def _decode_open(self, request: runtime_pb2.ExpertRequest) -> Open:
+        """(codec thread)"""
+        check_message_size(request.ByteSize(), self.limits)
+        meta = unpack_meta(request.metadata)
+        if meta.get("kind") == Step.KIND:
+            raise InvalidRequest("unknown session: the first message must open a session")
+        opening = Open.decode(meta)
+        self._check_span(opening.model_id, opening.start, opening.end)
+        check_range("max_length", opening.max_length, 1, self.limits.max_session_length)
+        check_range("batch", opening.batch, 1, self.limits.max_batch)
+        wire_dtype(opening.wire_dtype)
+        return opening
+
     async def _step(
-        self, session: Session, meta: dict[str, Any], request: runtime_pb2.ExpertRequest
+        self, session: Session, request: runtime_pb2.ExpertRequest
     ) -> runtime_pb2.ExpertResponse:
         received = time.perf_counter()
-        if self.registry.get(session.session_id) is not session:
-            raise InvalidRequest(f"unknown session {session.session_id!r} (expired or closed)")
-        position = check_int(meta, "position", 0, session.max_length - 1)
-        step = check_int(meta, "step", 0, 2**62)
-        if step <= session.last_step:
-            raise InvalidRequest(f"out-of-order step {step}: the last step was {session.last_step}")
-        if position > session.cache.length:
-            raise InvalidRequest(
-                f"position {position} leaves a gap: the session holds {session.cache.length} tokens"
-            )
-        hidden, extra = self._hidden_states(request, session.wire_dtype, session.batch)
-        if position + hidden.shape[1] > session.max_length:
-            raise InvalidRequest(
-                f"position {position} + {hidden.shape[1]} tokens exceeds the session's max length "
-                f"{session.max_length}"
-            )
-        images = self._images(extra, hidden, session.start, position)
-        session.cache.truncate(position)  # a no-op unless the client rewinds
-        session.last_step, session.last_used = step, time.monotonic()
+        if self.registry.get(session.key) is not session:
+            raise InvalidRequest(f"unknown session {shorten(session.stream_id)} (closed)")
+        step, inputs = await self._off_loop(self._decode_step, session, request)
+        session.cache.truncate(step.position)  # a no-op unless the client rewinds
+        session.last_step, session.last_used = step.step, time.monotonic()
         span = self._sub_span(session.start, session.end)
-        inputs = await self._compute_input(hidden, images, position)
-        computed = await self.worker.forward(span, inputs, session.cache, session.pad_lengths)
-        return self._signed_reply(
-            meta,
-            session.session_id,
-            position,
-            step,
+        hidden = await self._compute_input(inputs.hidden, inputs.images, step.position)
+        computed = await self.worker.forward(span, hidden, session.cache, session.pad_tensor)
+        session.last_used = time.monotonic()
+        digest = (
+            MessageKind.INFERENCE,
+            session.stream_id,
+            session.nonce,
+            step.position,
+            step.step,
             session.start,
             session.end,
-            [hidden, *extra],
+        )
+        return await self._off_loop(
+            self._signed_reply,
+            digest,
+            session.pad_lengths,
+            [inputs.hidden, *inputs.extra],
             computed,
             session.wire_dtype,
             received,
         )
 
+    def _decode_step(
+        self, session: Session, request: runtime_pb2.ExpertRequest
+    ) -> tuple[Step, _Inputs]:
+        """(codec thread) The step request, every field and tensor checked against the session."""
+        check_message_size(request.ByteSize(), self.limits)
+        step = Step.decode(unpack_meta(request.metadata), request)
+        position = check_range("position", step.position, 0, session.max_length - 1)
+        if step.step <= session.last_step:
+            raise InvalidRequest(
+                f"out-of-order step {step.step}: the last step was {session.last_step}"
+            )
+        if position > session.cache.length:
+            raise InvalidRequest(
+                f"position {position} leaves a gap: the session holds {session.cache.length} tokens"
+            )
+        inputs = self._inputs(
+            list(step.tensors), session.wire_dtype, session.batch, session.start, position
+        )
+        if position + inputs.hidden.shape[1] > session.max_length:
+            raise InvalidRequest(
+                f"position {position} + {inputs.hidden.shape[1]} tokens exceeds the session's "
+                f"max length {session.max_length}"
+            )
+        return step, inputs
+
+    # --- shared pieces ------------------------------------------------------------------------
+
     def _signed_reply(
         self,
-        meta: dict[str, Any],
-        session_id: str,
-        position: int,
-        step: int,
-        start: int,
-        end: int,
+        exchange: tuple[str, str, bytes, int, int, int, int],
+        pad_lengths: tuple[int, ...] | None,
         inputs: list[torch.Tensor],
         computed: Computed,
         dtype: torch.dtype,
         received: float,
     ) -> runtime_pb2.ExpertResponse:
+        """(codec thread) The reply to one exchange ``(kind, stream id, nonce, position, step,
+        start, end)``, signed."""
+        kind, stream_id, nonce, position, step, start, end = exchange
         output = computed.output.to(dtype)
         digest = ActivationDigest.of(
-            self.identity.model_id, session_id, position, step, start, end, inputs, output
+            kind,
+            self.identity.model_id,
+            stream_id,
+            nonce,
+            position,
+            step,
+            start,
+            end,
+            pad_lengths,
+            inputs,
+            output,
         )
         signature = sign_activation(self.identity.private_key, digest)
         timing = {  # for the client's profile; not signed
@@ -235,49 +400,29 @@ class PeerServicer(ServicerBase):
             "batch": computed.batch,
             "peer_ms": (time.perf_counter() - received) * 1e3,  # handling, compute included
         }
-        return encode_response(
-            {"position": position, "step": step, "signature": signature, **timing}, [output]
-        )
+        return Reply(position, step, signature, output, timing).encode()
 
-    def _decode(self, request: runtime_pb2.ExpertRequest) -> dict[str, Any]:
-        check_message_size(request.ByteSize(), self.limits)
-        try:
-            return decode_meta(request.metadata)
-        except ValueError as e:
-            raise InvalidRequest(str(e)) from e
-
-    def _check_span(self, meta: dict[str, Any]) -> tuple[int, int]:
-        model_id = meta.get("model_id")
+    def _check_span(self, model_id: str, start: int, end: int) -> None:
         if model_id != self.identity.model_id:
             raise InvalidRequest(
-                f"model {model_id!r} is not served here (this peer serves {self.identity.model_id})"
+                f"model {shorten(model_id)} is not served here (this peer serves "
+                f"{self.identity.model_id})"
             )
-        start = check_int(meta, "start", 0, 2**31)
-        end = check_int(meta, "end", 0, 2**31)
         if not self.span.start <= start < end <= self.span.end:
             raise InvalidRequest(
                 f"span [{start}, {end}) is not served here (this peer serves "
                 f"[{self.span.start}, {self.span.end}))"
             )
-        return start, end
 
-    def _pad_lengths(self, meta: dict[str, Any], batch: int | None = None) -> torch.Tensor | None:
-        pads = meta.get("pad_lengths")
-        if pads is None:
-            return None
-        if not isinstance(pads, list) or not all(isinstance(p, int) and p >= 0 for p in pads):
-            raise InvalidRequest("field 'pad_lengths' must be a list of non-negative integers")
-        if batch is not None and len(pads) != batch:
-            raise InvalidRequest(f"'pad_lengths' has {len(pads)} entries for a batch of {batch}")
-        return torch.tensor(pads) if any(pads) else None
-
-    def _hidden_states(
-        self, request: runtime_pb2.ExpertRequest, dtype: torch.dtype, batch: int | None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        try:
-            tensors = decode_tensors(request)
-        except ValueError as e:
-            raise InvalidRequest(str(e)) from e
+    def _inputs(
+        self,
+        tensors: list[torch.Tensor],
+        dtype: torch.dtype,
+        batch: int | None,
+        start: int,
+        position: int,
+    ) -> _Inputs:
+        """(codec thread) The hidden states and image input of a request, checked."""
         if not tensors:
             raise InvalidRequest("the message carries no hidden states")
         hidden, *extra = tensors
@@ -288,7 +433,7 @@ class PeerServicer(ServicerBase):
             batch=batch,
             limits=self.limits,
         )
-        return hidden, extra
+        return _Inputs(hidden, extra, self._images(extra, hidden, start, position))
 
     def _images(
         self, extra: list[torch.Tensor], hidden: torch.Tensor, start: int, position: int
@@ -323,10 +468,9 @@ class PeerServicer(ServicerBase):
         self, hidden: torch.Tensor, images: ImageInputs | None, position: int
     ) -> torch.Tensor:
         """``hidden`` in the compute dtype, with the projected images spliced in."""
-        hidden = hidden.to(self.compute_dtype)
         if images is None:
-            return hidden
-        return await self.worker.run(self.adapter, hidden, images, position)
+            return hidden.to(self.compute_dtype)
+        return await self.worker.run(self.adapter, hidden.to(self.compute_dtype), images, position)
 
     def _sub_span(self, start: int, end: int) -> BlockSpan:
         """A view of our layers ``[start, end)`` sharing weights (cached per sub-span)."""
@@ -338,9 +482,10 @@ class PeerServicer(ServicerBase):
             self._sub_spans[start, end] = BlockSpan(self.span.config, start, end, layers)
         return self._sub_spans[start, end]
 
-    def _refuse(self, error: InvalidRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        logger.warning("refused a request from %s: %s", context.remote_id, error)
-        return error_response(str(error), ErrorCode.INVALID)
+    def _refuse(self, error: Exception, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        message = str(error)[:1000]  # every echoed value in it is already shortened
+        logger.warning("refused a request from %s: %s", context.remote_id, message)
+        return Error(message, ErrorCode.INVALID).encode()
 
     def _refuse_unlisted(self, context: P2PContext) -> runtime_pb2.ExpertResponse | None:
         """An error reply for a client missing from ``--allowed-peers``; None for the others."""
@@ -348,13 +493,13 @@ class PeerServicer(ServicerBase):
         if self.allowed_peers is None or remote in self.allowed_peers:
             return None
         logger.warning("refused %s: not on the allowed-peers list", remote)
-        return error_response(
+        return Error(
             f"peer {remote} is not on this peer's allowed-peers list (a private swarm)",
             ErrorCode.FORBIDDEN,
-        )
+        ).encode()
 
     def _internal_error(self, error: Exception, context: P2PContext) -> runtime_pb2.ExpertResponse:
         logger.exception("internal error serving %s", context.remote_id, exc_info=error)
-        return error_response(
-            f"internal error: {error or type(error).__name__}", ErrorCode.INTERNAL
-        )
+        return Error(
+            f"internal error: {shorten(str(error) or type(error).__name__)}", ErrorCode.INTERNAL
+        ).encode()

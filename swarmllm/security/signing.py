@@ -1,8 +1,9 @@
 """The digest a peer signs for every activation it returns, and its verification.
 
 Peers and clients both import this module, so both sides always encode the same bytes. The
-client builds the digest from what it expects (its own session, step, span and the tensors it
-sent and received) and checks the peer's signature with the key inside the peer's id.
+client builds the digest from what it expects (its own stream, nonce, step, span, batch layout
+and the tensors it sent and received) and checks the peer's signature with the key inside the
+peer's id.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.p2p import PeerID
 
+from swarmllm.protocol import PROTOCOL_MAJOR
 from swarmllm.security.identity import IdentityError, public_key_from_peer_id
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = PROTOCOL_MAJOR  # signatures of one major version never verify in another
 
 DIGEST_BYTES = 32
 SIGNATURE_BYTES = 64
-_ACTIVATION_DOMAIN = b"swarmllm-activation-v1"
+_ACTIVATION_DOMAIN = b"swarmllm-activation-v2"
 _TENSOR_DIGEST_PERSON = b"swarmllm-tensors"  # blake2b personalization, at most 16 bytes
 
 
@@ -48,42 +50,62 @@ def tensor_digest(*tensors: torch.Tensor) -> bytes:
     return h.digest()
 
 
+class MessageKind:
+    """Which RPC a signed output answers: a reply of one never verifies as the other's."""
+
+    INFERENCE = "inference"
+    FORWARD = "forward"
+
+
 @dataclass(frozen=True)
 class ActivationDigest:
-    """What one signature covers: which session, message and span produced which output."""
+    """What one signature covers: which exchange (RPC kind, stream and its client-chosen
+    nonce, step), which span and batch layout produced which output from which input."""
 
     protocol_version: int
+    kind: str  # MessageKind
     model_id: str
-    session_id: str
+    stream_id: str  # "" for a stateless forward
+    nonce: bytes  # chosen by the client at open (per stream) or per forward call
     position: int  # token position the message starts at
-    step: int  # per-session message counter
+    step: int  # per-stream message counter
     start: int  # the exact span [start, end) that was run
     end: int
+    batch: int  # rows of the input
+    pad_lengths: tuple[int, ...]  # left padding of each row; () when there is none
     input_digest: bytes
     output_digest: bytes
 
     @classmethod
     def of(
         cls,
+        kind: str,
         model_id: str,
-        session_id: str,
+        stream_id: str,
+        nonce: bytes,
         position: int,
         step: int,
         start: int,
         end: int,
+        pad_lengths: Sequence[int] | None,
         inputs: Sequence[torch.Tensor],
         output: torch.Tensor,
     ) -> ActivationDigest:
         """The digest, in this protocol version, of ``output`` computed from ``inputs`` (every
-        tensor of the request, as sent)."""
+        tensor of the request, as sent; the first is the hidden states, whose rows are the
+        batch)."""
         return cls(
             PROTOCOL_VERSION,
+            kind,
             model_id,
-            session_id,
+            stream_id,
+            nonce,
             position,
             step,
             start,
             end,
+            int(inputs[0].shape[0]),
+            tuple(pad_lengths) if pad_lengths and any(pad_lengths) else (),
             tensor_digest(*inputs),
             tensor_digest(output),
         )
@@ -97,12 +119,16 @@ class ActivationDigest:
             [
                 _ACTIVATION_DOMAIN,
                 int(self.protocol_version),
+                str(self.kind),
                 str(self.model_id),
-                str(self.session_id),
+                str(self.stream_id),
+                bytes(self.nonce),
                 int(self.position),
                 int(self.step),
                 int(self.start),
                 int(self.end),
+                int(self.batch),
+                [int(p) for p in self.pad_lengths],
                 bytes(self.input_digest),
                 bytes(self.output_digest),
             ],

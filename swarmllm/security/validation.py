@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from swarmllm.protocol import WIRE_DTYPES
+from swarmllm.protocol import WIRE_DTYPES, MalformedMessage, shorten
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(MalformedMessage):
     """A request that breaks the protocol or a limit; the message is sent back to the client."""
 
 
@@ -24,6 +24,12 @@ class RequestLimits:
     max_session_length: int = 8192
     max_batch: int = 16
     max_sessions_per_peer: int = 8  # per remote peer id
+    # cache tokens one client may reserve, all its sessions together (None: half the budget)
+    max_cache_tokens_per_peer: int | None = None
+    max_forward_tokens: int = 4096  # rows x tokens of one stateless forward
+    max_forwards_per_peer: int = 1  # stateless forwards one client may have running at once
+    session_idle_timeout: float = 300.0  # seconds a session may wait for its next step
+    max_session_lifetime: float = 3600.0  # seconds a session may stay open in all
 
 
 def check_message_size(num_bytes: int, limits: RequestLimits) -> None:
@@ -33,9 +39,11 @@ def check_message_size(num_bytes: int, limits: RequestLimits) -> None:
         )
 
 
-def wire_dtype(name: object) -> torch.dtype:
+def wire_dtype(name: str) -> torch.dtype:
     if name not in WIRE_DTYPES:
-        raise InvalidRequest(f"unsupported wire dtype {name!r}; use one of {sorted(WIRE_DTYPES)}")
+        raise InvalidRequest(
+            f"unsupported wire dtype {shorten(name)}; use one of {sorted(WIRE_DTYPES)}"
+        )
     return WIRE_DTYPES[name]
 
 
@@ -52,13 +60,14 @@ def check_hidden_states(
         raise InvalidRequest(f"hidden states have dtype {hidden.dtype}, the session uses {dtype}")
     if hidden.ndim != 3:
         raise InvalidRequest(
-            f"hidden states must have rank 3 [batch, tokens, hidden], got {list(hidden.shape)}"
+            "hidden states must have rank 3 [batch, tokens, hidden], got "
+            f"{shorten(list(hidden.shape))}"
         )
     rows, tokens, width = hidden.shape
     if width != hidden_size:
         raise InvalidRequest(f"hidden size {width} does not match the model's {hidden_size}")
     if tokens == 0 or rows == 0:
-        raise InvalidRequest(f"hidden states are empty (shape {list(hidden.shape)})")
+        raise InvalidRequest(f"hidden states are empty (shape {shorten(list(hidden.shape))})")
     if batch is not None and rows != batch:
         raise InvalidRequest(f"batch of {rows} rows does not match the session's {batch}")
     if rows > limits.max_batch:
@@ -71,23 +80,25 @@ def check_hidden_states(
         raise InvalidRequest("hidden states contain NaN or Inf values")
 
 
-def check_int(meta: dict, key: str, low: int, high: int) -> int:
-    """An integer field of the metadata within ``[low, high]``."""
-    value = meta.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidRequest(f"field {key!r} must be an integer, got {value!r}")
+def check_range(name: str, value: int, low: int, high: int) -> int:
+    """An integer field (already typed by the protocol) within ``[low, high]``."""
     if not low <= value <= high:
-        raise InvalidRequest(f"field {key!r} = {value} is outside [{low}, {high}]")
+        raise InvalidRequest(f"field {name!r} = {value} is outside [{low}, {high}]")
     return value
 
 
-def check_str(meta: dict, key: str, max_length: int = 256) -> str:
-    value = meta.get(key)
-    if not isinstance(value, str) or not value or len(value) > max_length:
-        raise InvalidRequest(
-            f"field {key!r} must be a non-empty string of at most {max_length} chars"
-        )
-    return value
+def check_pad_lengths(
+    pads: tuple[int, ...] | None, batch: int, max_pad: int
+) -> torch.Tensor | None:
+    """Left padding per row as a tensor (None when no row is padded): one entry per row, each
+    below ``max_pad`` (at least one real token per row)."""
+    if pads is None:
+        return None
+    if len(pads) != batch:
+        raise InvalidRequest(f"'pad_lengths' has {len(pads)} entries for a batch of {batch}")
+    if any(p >= max_pad for p in pads):
+        raise InvalidRequest(f"'pad_lengths' must be non-negative and below {max_pad}")
+    return torch.tensor(pads) if any(pads) else None
 
 
 def check_image_inputs(
@@ -114,7 +125,8 @@ def check_image_inputs(
         )
     if features.ndim != 3 or features.shape[0] == 0 or features.shape[1] == 0:
         raise InvalidRequest(
-            f"image features must have shape [images, tokens, features], got {list(features.shape)}"
+            "image features must have shape [images, tokens, features], got "
+            f"{shorten(list(features.shape))}"
         )
     if features.shape[2] != feature_dim:
         raise InvalidRequest(
@@ -123,7 +135,7 @@ def check_image_inputs(
     if positions.dtype != torch.int64 or tuple(positions.shape) != tuple(features.shape[:2]):
         raise InvalidRequest(
             f"image positions must be int64 of shape {list(features.shape[:2])} (one per "
-            f"feature vector), got {positions.dtype} {list(positions.shape)}"
+            f"feature vector), got {positions.dtype} {shorten(list(positions.shape))}"
         )
     if not torch.isfinite(features).all():
         raise InvalidRequest("image features contain NaN or Inf values")
