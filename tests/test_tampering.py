@@ -139,6 +139,6 @@ def test_valid_signatures_over_wrong_values_are_caught_by_spot_checks(outcome: O
     for reply in evidence.replies:  # every reply is properly signed: the evidence stands
         verify_activation(reply.peer_id, reply.digest, reply.signature)
     honest_a, honest_b = (reply.output[:, -PROMPT_LENGTH:] for reply in verifiers)
-    tolerance = TOLERANCES[torch.float32]
+    tolerance = TOLERANCES["float32"]
     assert relative_error(honest_a, honest_b) <= tolerance
     assert relative_error(checked.output, honest_a) > 10 * tolerance

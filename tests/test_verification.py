@@ -7,7 +7,7 @@ import torch
 
 from swarmllm.client.verification import TOLERANCES, outliers, relative_error
 
-TOLERANCE = TOLERANCES[torch.float32]
+TOLERANCE = TOLERANCES["float32"]
 
 
 @pytest.fixture
@@ -47,4 +47,4 @@ def test_a_third_answer_settles_a_disagreement(right: torch.Tensor) -> None:
 
 
 def test_the_half_precision_tolerances_are_looser() -> None:
-    assert TOLERANCES[torch.float32] < TOLERANCES[torch.float16] < TOLERANCES[torch.bfloat16] < 1
+    assert TOLERANCES["float32"] < TOLERANCES["float16"] < TOLERANCES["bfloat16"] < 1

@@ -14,7 +14,11 @@ from swarmllm.blocks.weights import read_tensors
 
 
 class ModelHead(nn.Module):
-    """Embeds tokens before the first hop and turns the last hop's output into logits."""
+    """Embeds tokens before the first hop and turns the last hop's output into logits.
+
+    It computes on its own device: inputs move there and results come back to the CPU (the
+    embeddings go onto the wire, the logits to the CPU-side sampler), once per call.
+    """
 
     def __init__(
         self,
@@ -33,6 +37,7 @@ class ModelHead(nn.Module):
         config: PretrainedConfig,
         weight_files: Mapping[str, Path],
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> ModelHead:
         family = family_of(config)  # fail on unsupported models before reading any weights
         stored = weight_names(weight_files)
@@ -48,12 +53,16 @@ class ModelHead(nn.Module):
             if tied
             else nn.Parameter(tensors[stored.lm_head], requires_grad=False)
         )
-        return cls(config, embeddings, norm, lm_head).eval()
+        return cls(config, embeddings, norm, lm_head).eval().to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        return self.embed_tokens(input_ids.to(self.device)).cpu()
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+        return self.lm_head(self.norm(hidden.to(self.device))).cpu()

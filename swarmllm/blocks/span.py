@@ -18,21 +18,50 @@ from swarmllm.blocks.masks import (
     decode_positions,
     position_ids,
 )
+from swarmllm.blocks.placement import Placement
+from swarmllm.blocks.quantization import place_layer
 from swarmllm.blocks.weights import read_tensors
+
+CPU = torch.device("cpu")
 
 
 class BlockSpan(nn.Module):
     """Decoder layers ``[start, end)`` driven by transformers' own layer classes.
 
     Layers keep their global ``layer_idx`` so per-layer settings (sliding windows) stay right.
+    Everything a pass needs (layers, rotary tables, masks, positions, KV caches) lives on
+    ``placement.device``: inputs move there once per call and outputs come back to the device
+    the input came from (the CPU, for tensors off the wire).
     """
 
-    def __init__(self, config: PretrainedConfig, start: int, end: int, layers: nn.ModuleList):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        start: int,
+        end: int,
+        layers: nn.ModuleList,
+        placement: Placement | None = None,
+    ):
         super().__init__()
         self.config, self.start, self.end = config, start, end
+        self.placement = placement or _placement_of(layers)
         self.layers = layers
-        self.rotary = family_of(config).rotary_embedding(config=config)
+        self.rotary = family_of(config).rotary_embedding(config=config).to(self.placement.device)
         self.windows = [sliding_window_of(config, i) for i in range(start, end)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype hidden states must have to enter the span (its compute dtype)."""
+        return self.placement.dtype
+
+    def sub_span(self, start: int, end: int) -> BlockSpan:
+        """Layers ``[start, end)`` of this span, sharing its weights."""
+        layers = self.layers[start - self.start : end - self.start]
+        return BlockSpan(self.config, start, end, layers, self.placement)
 
     @classmethod
     def from_weights(
@@ -42,8 +71,15 @@ class BlockSpan(nn.Module):
         start: int,
         end: int,
         dtype: torch.dtype = torch.float32,
+        *,
+        placement: Placement | None = None,
     ) -> BlockSpan:
-        """Build the span reading only its own layers' tensors from disk."""
+        """Build the span reading only its own layers' tensors from disk; each layer goes to
+        ``placement`` (default: ``dtype`` on the CPU) as soon as it is read, so the float
+        weights of a quantized span are never all in memory at once."""
+        placement = placement or Placement(CPU, dtype)
+        # quantizers take float weights; bitsandbytes and the CPU int8 path cast them again
+        read_dtype = placement.dtype
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(
                 f"span [{start}, {end}) is outside the model's {config.num_hidden_layers} blocks"
@@ -57,13 +93,14 @@ class BlockSpan(nn.Module):
             names = [name for name in weight_files if name.startswith(prefix)]
             state = {
                 name[len(prefix) :]: tensor
-                for name, tensor in read_tensors(weight_files, names, dtype).items()
+                for name, tensor in read_tensors(weight_files, names, read_dtype).items()
             }
             with torch.device("meta"):
                 layer = layer_cls(config, layer_idx=index)
             layer.load_state_dict(state, strict=True, assign=True)
-            layers.append(layer)
-        return cls(config, start, end, layers).eval()
+            del state  # the layer holds the only references: quantizing frees them
+            layers.append(place_layer(layer, placement))
+        return cls(config, start, end, layers, placement).eval()
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """A cache for this span; with ``capacity``, allocated once at that many tokens."""
@@ -83,15 +120,17 @@ class BlockSpan(nn.Module):
         """
         batch, num_new, _ = hidden.shape
         past = cache.length if cache is not None else 0
-        positions = position_ids(batch, past, num_new, pad_lengths)
+        device, returned_to = self.device, hidden.device
+        pads = pad_lengths.to(device) if pad_lengths is not None else None
+        positions = position_ids(batch, past, num_new, pads, device)
         masks = {
-            window: attention_mask(batch, past, num_new, pad_lengths, window)
+            window: attention_mask(batch, past, num_new, pads, window, device)
             for window in set(self.windows)
         }
-        hidden = self._run_layers(hidden, positions, masks, cache)
+        output = self._run_layers(hidden.to(device), positions, masks, cache)
         if cache is not None:
             cache.advance(num_new)
-        return hidden
+        return output.to(returned_to)
 
     @torch.inference_mode()
     def decode_batch(
@@ -111,15 +150,21 @@ class BlockSpan(nn.Module):
         )
         pads = torch.cat(
             [
-                torch.zeros(n, dtype=torch.long) if pad is None else pad
+                torch.zeros(n, dtype=torch.long) if pad is None else pad.cpu()
                 for pad, n in zip(pad_lengths, rows, strict=True)
             ]
         )
-        masks = {window: decode_mask(past, pads, window) for window in set(self.windows)}
+        device, returned_to = self.device, hiddens[0].device
+        past, pads = past.to(device), pads.to(device)  # one copy in for the whole batch
         stacked = StackedCache(caches, rows)
-        hidden = self._run_layers(torch.cat(hiddens), decode_positions(past, pads), masks, stacked)
+        masks = {
+            window: decode_mask(past, pads, window, num_keys=stacked.total)
+            for window in set(self.windows)
+        }
+        hidden = torch.cat(hiddens).to(device)
+        hidden = self._run_layers(hidden, decode_positions(past, pads), masks, stacked)
         stacked.advance()
-        return list(hidden.split(rows))
+        return list(hidden.to(returned_to).split(rows))
 
     def _run_layers(
         self,
@@ -138,6 +183,14 @@ class BlockSpan(nn.Module):
                 cache=cache,
             )
         return hidden
+
+
+def _placement_of(layers: nn.ModuleList) -> Placement:
+    """Where existing layers live: the device and floating dtype of their parameters."""
+    for param in layers.parameters():
+        if param.is_floating_point():
+            return Placement(param.device, param.dtype)
+    return Placement(CPU, torch.float32)
 
 
 def _with_sdpa(config: PretrainedConfig) -> PretrainedConfig:

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from swarmllm.blocks.head import ModelHead
+from swarmllm.blocks.placement import resolve_device
 from swarmllm.blocks.sources import ModelSource, resolve_model
 from swarmllm.blocks.vision import (
     ImageEncoder,
@@ -101,6 +102,7 @@ class DistributedModelForCausalLM:
         verify_signatures: bool = True,
         verify_fraction: float = 0.0,
         profile: bool = False,
+        min_precision: str | None = None,
     ):
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
@@ -116,8 +118,14 @@ class DistributedModelForCausalLM:
         # where the time goes, over every session of this model (see ``Profile.format``)
         self.profile: Profile | None = Profile() if profile else None
         self.bans = BanList()
+        # route and spot-check only through peers computing at this precision or finer
         self.router = Router(
-            connection, source.model_id, source.config.num_hidden_layers, self.bans, allowed_peers
+            connection,
+            source.model_id,
+            source.config.num_hidden_layers,
+            self.bans,
+            allowed_peers,
+            min_precision=min_precision,
         )
 
     @classmethod
@@ -127,13 +135,17 @@ class DistributedModelForCausalLM:
         *,
         initial_peers: Sequence[str],
         dtype: torch.dtype = torch.float32,
+        device: str = "auto",
         identity: str | Path | None = None,
         **kwargs: Any,
     ) -> DistributedModelForCausalLM:
         """``identity``: this client's key file (created if missing), for private swarms whose
-        peers list this client's peer id; default: a fresh key per connection."""
+        peers list this client's peer id; default: a fresh key per connection. ``device``
+        (auto|cpu|cuda[:N]|mps) holds the embeddings and LM head; ``min_precision`` (one of
+        ``dht.records.PRECISIONS``) routes only through peers computing at least that finely."""
+        where = resolve_device(device)  # fail before reading weights or joining the swarm
         source = resolve_model(model_ref)
-        head = ModelHead.from_weights(source.config, source.weight_files(), dtype)
+        head = ModelHead.from_weights(source.config, source.weight_files(), dtype, where)
         connection = SwarmConnection(initial_peers, identity=identity)
         try:
             return cls(source, head, connection, **kwargs)

@@ -12,7 +12,7 @@ from collections.abc import Collection
 
 from swarmllm.client.bans import BanList
 from swarmllm.client.connection import SwarmConnection
-from swarmllm.client.routing import Hop, NoRouteError, find_route
+from swarmllm.client.routing import Hop, NoRouteError, check_precision, find_route
 from swarmllm.dht.records import CoverageMap
 
 # Seconds a coverage map serves new routes. A read is a DHT lookup of every block's key: tens
@@ -37,9 +37,12 @@ class Router:
         bans: BanList,
         allowed: Collection[str] | None = None,
         max_age: float = COVERAGE_MAX_AGE,
+        min_precision: str | None = None,
     ):
+        check_precision(min_precision)
         self.connection, self.model_id, self.num_blocks = connection, model_id, num_blocks
         self.bans, self.allowed, self.max_age = bans, allowed, max_age
+        self.min_precision = min_precision  # route (and spot-check) only through peers this fine
         self._coverage: tuple[float, CoverageMap] | None = None  # (read at, map)
         self._reading = asyncio.Lock()
 
@@ -106,4 +109,5 @@ class Router:
             allowed=self.allowed,
             min_cache_tokens=min_cache_tokens,
             first_hop_adapter=first_hop_adapter,
+            min_precision=self.min_precision,
         )

@@ -17,7 +17,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState
+from swarmllm.dht.records import PRECISIONS, CoverageMap, PeerRecord, PeerState, precision_rank
 
 # A peer announcing zero, negative or NaN throughput is still usable, just as a last resort.
 _MIN_THROUGHPUT = 1e-3  # tokens/s
@@ -55,6 +55,10 @@ class _Filter:
     banned: frozenset[str]
     allowed: frozenset[str] | None
     min_cache_tokens: int
+    min_precision: str | None = None
+
+    def __post_init__(self) -> None:
+        check_precision(self.min_precision)
 
     def rejection(self, peer_id: str, record: PeerRecord, block: int) -> str | None:
         """Why this peer can't serve this block, or None when it can."""
@@ -70,7 +74,24 @@ class _Filter:
             return "not in the allowed list"
         if record.cache_tokens_left < self.min_cache_tokens:
             return f"short of cache (under {self.min_cache_tokens} tokens left)"
+        if not meets_precision(record, self.min_precision):
+            return f"computing in {record.precision} (below {self.min_precision})"
         return None
+
+
+def check_precision(min_precision: str | None) -> None:
+    """Raise ValueError for a minimum precision that is not one of PRECISIONS."""
+    if min_precision is not None and min_precision not in PRECISIONS:
+        raise ValueError(
+            f"min_precision must be one of {', '.join(PRECISIONS)} (or None), got {min_precision!r}"
+        )
+
+
+def meets_precision(record: PeerRecord, min_precision: str | None) -> bool:
+    """Whether the peer computes at ``min_precision`` or finer (None accepts every peer)."""
+    return min_precision is None or precision_rank(record.precision) >= precision_rank(
+        min_precision
+    )
 
 
 def find_route(
@@ -84,13 +105,16 @@ def find_route(
     min_cache_tokens: int = 0,
     first_hop_adapter: str | None = None,
     default_rtt: float = 0.005,
+    min_precision: str | None = None,
 ) -> list[Hop]:
     """The cheapest route through blocks ``[start, end)`` (default: the whole model).
 
     ``rtt`` maps peer ids to measured round-trip times in seconds (``default_rtt`` for the
     others). ``first_hop_adapter`` requires the hop holding block ``start`` to provide that
-    adapter. Equal-cost routes are broken by fewer hops, then by peer id, so the same inputs
-    always give the same route. Raises NoRouteError when the filtered peers can't cover the range.
+    adapter. ``min_precision`` (one of ``PRECISIONS``) skips peers computing coarser than it
+    (quantized or in a lower-precision dtype). Equal-cost routes are broken by fewer hops,
+    then by peer id, so the same inputs always give the same route. Raises NoRouteError when
+    the filtered peers can't cover the range.
     """
     end = coverage.num_blocks if end is None else end
     if not 0 <= start < end <= coverage.num_blocks:
@@ -102,6 +126,7 @@ def find_route(
         banned=frozenset(banned),
         allowed=None if allowed is None else frozenset(allowed),
         min_cache_tokens=min_cache_tokens,
+        min_precision=min_precision,
     )
     usable: list[dict[str, PeerRecord]] = []  # usable[i - start]: peers usable for block i
     rejected: list[dict[str, str]] = []  # rejected[i - start]: peer -> why not

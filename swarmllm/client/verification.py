@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from swarmllm.client.hop import HopFailure, HopStream, SessionSpec, SignedReply, signed_forward
-from swarmllm.client.routing import Hop
+from swarmllm.client.routing import Hop, meets_precision
 from swarmllm.dht.records import PeerRecord, PeerState
-from swarmllm.protocol import WIRE_DTYPES
 from swarmllm.security.signing import SignatureError
 
 if TYPE_CHECKING:
@@ -36,14 +35,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("swarmllm.client")
 
-# Largest per-token relative L2 distance between two honest answers, by the coarsest dtype
-# involved (the wire dtype and both peers' compute dtypes). A stateless forward over the whole
-# sequence and cached steps round differently: on SmolLM2, 10 blocks, measured up to 4e-6 in
-# float32 and up to 4.4e-2 in bfloat16, so half precision only catches gross tampering.
-TOLERANCES: dict[torch.dtype, float] = {
-    torch.float32: 1e-3,
-    torch.float16: 3e-2,
-    torch.bfloat16: 1e-1,
+# Largest per-token relative L2 distance between two honest answers, by the coarsest precision
+# involved (the wire dtype and both peers' precisions: their quantization, else their compute
+# dtype). A stateless forward over the whole sequence and cached steps round differently: on
+# SmolLM2, 10 blocks, measured up to 4e-6 in float32 and up to 4.4e-2 in bfloat16; an int8 span
+# (weight-only, CPU) against a float32 one up to 4.2e-2. NF4 was not measured here (no GPU):
+# its weights carry about 4x int8's error. Below float16 a check only catches gross tampering.
+TOLERANCES: dict[str, float] = {
+    "float32": 1e-3,
+    "float16": 3e-2,
+    "bfloat16": 1e-1,
+    "int8": 1e-1,
+    "nf4": 3e-1,
 }
 
 
@@ -135,14 +138,14 @@ class SpotChecker:
                 continue
             replies.append(reply)
             answers[peer_id] = reply.output[:, -new_tokens:]
-            if not outliers(answers, _tolerance(output.dtype, answers, records)):
+            if not outliers(answers, tolerance_for(output.dtype, answers, records)):
                 return  # the verifier agrees (or a third peer settled a borderline case)
             if len(answers) == 3:
                 break
         if len(answers) == 1:
             logger.info("no verifier answered for blocks %d-%d", hop.start, hop.end - 1)
             return
-        banned = outliers(answers, _tolerance(output.dtype, answers, records))
+        banned = outliers(answers, tolerance_for(output.dtype, answers, records))
         evidence = VerificationEvidence(
             session_id=stream.spec.session_id,
             step=stream.steps_sent,
@@ -182,8 +185,9 @@ class SpotChecker:
             return None
 
     def _candidates(self, hop: Hop, records: Mapping[str, PeerRecord]) -> list[str]:
-        """Other usable peers serving all of ``[hop.start, hop.end)``, in a random order with
-        those computing in the checked peer's dtype first (the tolerance stays tight)."""
+        """Other usable peers serving all of ``[hop.start, hop.end)`` at the session's minimum
+        precision, in a random order with those computing in the checked peer's precision
+        first (the tolerance stays tight)."""
         banned = self.router.bans.banned()
         allowed = self.router.allowed
         usable = [
@@ -195,11 +199,12 @@ class SpotChecker:
             and hop.end <= record.end
             and peer_id not in banned
             and (allowed is None or peer_id in allowed)
+            and meets_precision(record, self.router.min_precision)
         ]
         self.rng.shuffle(usable)
         checked = records.get(hop.peer_id)
         if checked is not None:
-            usable.sort(key=lambda peer_id: records[peer_id].dtype != checked.dtype)
+            usable.sort(key=lambda peer_id: records[peer_id].precision != checked.precision)
         return usable
 
     async def _records(self, block: int) -> Mapping[str, PeerRecord]:
@@ -212,13 +217,14 @@ class SpotChecker:
         return coverage.blocks[block]
 
 
-def _tolerance(
+def tolerance_for(
     wire_dtype: torch.dtype, answers: Mapping[str, torch.Tensor], records: Mapping[str, PeerRecord]
 ) -> float:
-    """The tolerance of the coarsest dtype involved: the wire's and the answering peers'."""
-    dtypes = {wire_dtype}
+    """The tolerance of the coarsest precision involved: the wire's and the answering peers'
+    (a precision this version does not know counts as the coarsest)."""
+    precisions = {str(wire_dtype).removeprefix("torch.")}
     for peer_id in answers:
         record = records.get(peer_id)
-        if record is not None and record.dtype in WIRE_DTYPES:
-            dtypes.add(WIRE_DTYPES[record.dtype])
-    return max(TOLERANCES.get(dtype, TOLERANCES[torch.float32]) for dtype in dtypes)
+        if record is not None:
+            precisions.add(record.precision)
+    return max(TOLERANCES.get(precision, max(TOLERANCES.values())) for precision in precisions)

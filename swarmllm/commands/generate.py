@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from swarmllm.commands.arguments import multiaddr, positive_int, readable_file
+from swarmllm.dht.records import PRECISIONS
 
 
 def add_generate_command(commands: argparse._SubParsersAction) -> None:
@@ -35,6 +36,18 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="seconds per step before failover"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda[:N]|mps",
+        help="where the embeddings and LM head compute (default auto: CUDA, else MPS, else CPU)",
+    )
+    parser.add_argument(
+        "--min-precision",
+        choices=list(PRECISIONS),
+        help="route only through peers computing at this precision or finer "
+        "(nf4 < int8 < bfloat16 < float16 < float32; default: any)",
     )
     parser.add_argument(
         "--show-route", action="store_true", help="print the chosen peers to stderr"
@@ -93,6 +106,8 @@ def generate(args: argparse.Namespace) -> None:
         allowed_peers=allowed,
         identity=args.identity,
         profile=args.profile,
+        device=args.device,
+        min_precision=args.min_precision,
     ) as model:
         model.check_coverage()
         tokenizer = model.tokenizer

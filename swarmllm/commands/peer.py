@@ -46,7 +46,34 @@ def add_peer_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--cache-tokens", type=positive_int, default=16384, help="KV cache budget")
     parser.add_argument("--max-sessions", type=positive_int, default=32)
     parser.add_argument("--public-name", default="", help="a name shown in `swarmllm status`")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda[:N]|mps",
+        help="where the span computes (default auto: the first CUDA device, else MPS, else CPU)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="compute dtype (default auto: bfloat16 where the device computes it fast, "
+        "else float32)",
+    )
+    parser.add_argument(
+        "--quant",
+        choices=["none", "int8", "nf4"],
+        default="none",
+        help="quantize the span's linear layers: int8 on CPU or CUDA, nf4 on CUDA "
+        "(CUDA needs bitsandbytes)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=memory_size,
+        metavar="SIZE",
+        help="memory for the span's weights and KV caches, e.g. 8GiB; without --blocks or "
+        "--num-blocks the peer takes as many blocks as fit (default: half the free RAM, or "
+        "90%% of the free VRAM less 1 GiB)",
+    )
     parser.add_argument("--session-timeout", type=float, default=300.0, help="idle seconds")
     parser.add_argument(
         "--num-threads", type=positive_int, help="torch threads for prompts (default: all cores)"
@@ -82,13 +109,25 @@ def add_peer_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_peer_command)
 
 
+def memory_size(text: str) -> int:
+    """argparse type: bytes from ``8GiB``, ``512MB``, ``1.5G`` or a number of bytes."""
+    from swarmllm.peer.sizing import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def run_peer_command(args: argparse.Namespace) -> None:
+    from swarmllm.blocks.placement import resolve_placement
     from swarmllm.blocks.sources import resolve_model
     from swarmllm.peer.server import PeerSettings, check_blocks, run_peer
     from swarmllm.security.allowlist import load_allowlist
     from swarmllm.security.identity import load_or_create_identity
     from swarmllm.security.validation import RequestLimits
 
+    resolve_placement(args.device, args.dtype, args.quant)  # refuse before loading anything
     if args.identity is not None:
         load_or_create_identity(args.identity)  # fail now on a corrupt or unreadable file
     allowed = load_allowlist(args.allowed_peers) if args.allowed_peers else None
@@ -107,6 +146,9 @@ def run_peer_command(args: argparse.Namespace) -> None:
         max_sessions=args.max_sessions,
         public_name=args.public_name,
         dtype=args.dtype,
+        device=args.device,
+        quant=args.quant,
+        max_memory=args.max_memory,
         session_timeout=args.session_timeout,
         num_threads=args.num_threads,
         decode_threads=args.decode_threads,

@@ -40,6 +40,9 @@ def status(args: argparse.Namespace) -> None:
                 "throughput": round(record.throughput, 2),
                 "cache_tokens_left": record.cache_tokens_left,
                 "adapters": list(record.adapters),
+                "device": record.device,
+                "dtype": record.dtype,
+                "quant": record.quant,
                 "ping_ms": round(connection.rtt[peer_id] * 1000, 2)
                 if peer_id in connection.rtt
                 else None,
@@ -52,7 +55,8 @@ def status(args: argparse.Namespace) -> None:
         print(json.dumps({**report, "uncovered": uncovered, "fully_covered": not uncovered}))
         return
     table = Table(title=f"{source.model_id}: {num_blocks} blocks")
-    for column in ("blocks", "peer", "state", "steps/s", "cache left", "ping", "adapters"):
+    columns = ("blocks", "peer", "state", "device", "precision", "steps/s", "cache left", "ping")
+    for column in (*columns, "adapters"):
         table.add_column(column)
     for row in rows:
         ping = f"{row['ping_ms']:.1f} ms" if row["ping_ms"] is not None else "unreachable"
@@ -60,6 +64,8 @@ def status(args: argparse.Namespace) -> None:
             f"{row['blocks'][0]}-{row['blocks'][1] - 1}",
             f"{row['name'] or ''} {row['peer_id'][-8:]}",
             row["state"],
+            row["device"],
+            row["dtype"] if row["quant"] == "none" else f"{row['quant']} ({row['dtype']})",
             f"{row['throughput']:.1f}",
             str(row["cache_tokens_left"]),
             ping,

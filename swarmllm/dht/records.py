@@ -29,6 +29,12 @@ _UNPACK_LIMITS = {
     "max_ext_len": 0,
 }
 
+# Number formats a span may compute in, coarsest first. A peer's precision is its quantization
+# when its linear layers are quantized, else its compute dtype; ``--min-precision P`` accepts
+# the peers at P or finer. (float16 keeps 10 mantissa bits to bfloat16's 7.)
+PRECISIONS = ("nf4", "int8", "bfloat16", "float16", "float32")
+MAX_FIELD_CHARS = 32  # device kinds, dtypes and quantization names are short
+
 
 class PeerState(enum.IntEnum):
     OFFLINE = 0
@@ -49,6 +55,14 @@ class PeerRecord:
     dtype: str
     public_name: str = ""
     adapters: tuple[str, ...] = ()
+    device: str = "cpu"  # the kind of device the span computes on: cpu, cuda, mps
+    quant: str = "none"  # quantization of the span's linear layers: none, int8, nf4
+
+    @property
+    def precision(self) -> str:
+        """The coarsest number format this peer computes with (one of PRECISIONS, or an
+        unknown name from a newer peer, which ``precision_rank`` ranks below all known)."""
+        return self.quant if self.quant != "none" else self.dtype
 
     def __post_init__(self) -> None:
         self.to_bytes()  # a record the DHT would refuse fails here, where it is made
@@ -67,6 +81,8 @@ class PeerRecord:
                 "dtype": self.dtype,
                 "public_name": self.public_name,
                 "adapters": list(self.adapters),
+                "device": self.device,
+                "quant": self.quant,
             }
         )
         if len(encoded) > MAX_PEER_RECORD_BYTES:
@@ -94,12 +110,27 @@ class PeerRecord:
                 dtype=str(data["dtype"]),
                 public_name=str(data.get("public_name", "")),
                 adapters=tuple(str(a) for a in data.get("adapters", ())),
+                # records of peers from before devices and quantization: float on the CPU
+                device=_short(data.get("device", "cpu"), "device"),
+                quant=_short(data.get("quant", "none"), "quant"),
             )
+            _short(record.dtype, "dtype")
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
             raise ValueError(f"malformed peer record: {e}") from e
         if not 0 <= record.start < record.end:
             raise ValueError(f"malformed peer record: bad span [{record.start}, {record.end})")
         return record
+
+
+def precision_rank(precision: str) -> int:
+    """Position in PRECISIONS (higher is finer); -1 for a name this version does not know."""
+    return PRECISIONS.index(precision) if precision in PRECISIONS else -1
+
+
+def _short(value: Any, name: str) -> str:
+    if not isinstance(value, str) or len(value) > MAX_FIELD_CHARS:
+        raise ValueError(f"field {name!r} must be a string of at most {MAX_FIELD_CHARS} chars")
+    return value
 
 
 def block_key(model_id: str, block: int | str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import signal
@@ -16,6 +17,7 @@ import hivemind
 import torch
 
 import swarmllm
+from swarmllm.blocks.placement import Placement, resolve_placement
 from swarmllm.blocks.sources import ModelSource, cache_root
 from swarmllm.blocks.span import BlockSpan
 from swarmllm.blocks.vision import ADAPTER_BLOCK
@@ -27,6 +29,7 @@ from swarmllm.peer.batching import BatchingWorker
 from swarmllm.peer.selection import choose_span
 from swarmllm.peer.servicer import PeerIdentity, PeerServicer
 from swarmllm.peer.sessions import SessionRegistry
+from swarmllm.peer.sizing import BlockBudget, block_budget
 from swarmllm.peer.throughput import cached_throughput
 from swarmllm.protocol import SERVICER_NAMESPACE
 from swarmllm.security.identity import load_or_create_identity, peer_id_of
@@ -49,7 +52,10 @@ class PeerSettings:
     cache_tokens: int = 16384
     max_sessions: int = 32
     public_name: str = ""
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 where the device computes it fast, else float32
+    device: str = "auto"  # auto: the first CUDA device, else MPS, else the CPU
+    quant: str = "none"  # the span's linear layers: none | int8 | nf4
+    max_memory: int | None = None  # bytes for blocks + KV caches (None: a share of free memory)
     session_timeout: float = 300.0  # idle seconds before a session's stream is closed
     refresh_period: float = 10.0
     num_threads: int | None = None  # torch threads for passes over several tokens
@@ -73,10 +79,29 @@ def check_blocks(blocks: tuple[int, int] | None, source: ModelSource) -> None:
 def run_peer(settings: PeerSettings, source: ModelSource) -> None:
     """Serve ``source`` until SIGINT/SIGTERM (blocking)."""
     check_blocks(settings.blocks, source)
-    asyncio.run(_serve(settings, source))
+    placement = resolve_placement(settings.device, settings.dtype, settings.quant)
+    budget = block_budget(source.config, placement, settings.cache_tokens, settings.max_memory)
+    check_budget(settings, budget, source.config.num_hidden_layers)
+    asyncio.run(_serve(settings, source, placement, budget))
 
 
-async def _serve(settings: PeerSettings, source: ModelSource) -> None:
+def check_budget(settings: PeerSettings, budget: BlockBudget, num_layers: int) -> None:
+    """Raise ValueError when not even one block fits, or when the blocks asked for exceed an
+    explicit ``--max-memory`` (beyond the default share, asking for more is the volunteer's
+    call)."""
+    if settings.blocks is not None:
+        wanted = settings.blocks[1] - settings.blocks[0]
+    else:
+        wanted = min(settings.num_blocks or 1, num_layers)
+    if budget.default_memory and (settings.blocks or settings.num_blocks):
+        wanted = 1
+    if budget.fits < wanted:
+        raise ValueError(f"{budget.describe(0, num_layers)}: not enough for {wanted} block(s)")
+
+
+async def _serve(
+    settings: PeerSettings, source: ModelSource, placement: Placement, budget: BlockBudget
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -105,8 +130,9 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
             logger.info("peer id %s", peer_id)
             for maddr in dht.get_visible_maddrs():
                 print(f"swarmllm peer address: {maddr}", flush=True)
-            start, end = await _choose_blocks(settings, dht, source)
-            dtype = getattr(torch, settings.dtype)
+            start, end = await _choose_blocks(settings, dht, source, budget.fits)
+            num_layers = source.config.num_hidden_layers
+            print(budget.describe(end - start, num_layers), flush=True)
             adapter = None
             if settings.adapter and start == 0:  # images enter with block 0, in the first hop
                 # imported here: a peer without block 0 never loads the vision models' code
@@ -121,9 +147,11 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 throughput=0.0,
                 cache_tokens_left=settings.cache_tokens,
                 version=swarmllm.__version__,
-                dtype=settings.dtype,
+                dtype=placement.dtype_name,
                 public_name=settings.public_name,
                 adapters=adapters,
+                device=placement.device.type,
+                quant=placement.quant,
             )
             announcer = Announcer(
                 dht,
@@ -135,7 +163,14 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
             )
             announcer.start()
             span = await worker.run(
-                BlockSpan.from_weights, source.config, source.weight_files(), start, end, dtype
+                functools.partial(
+                    BlockSpan.from_weights,
+                    source.config,
+                    source.weight_files(),
+                    start,
+                    end,
+                    placement=placement,
+                )
             )
             throughput = await worker.run(
                 cached_throughput, span, source.model_id, cache_root() / "throughput.json"
@@ -155,7 +190,9 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 "end": end,
                 "version": swarmllm.__version__,
                 "torch": torch.__version__,
-                "dtype": settings.dtype,
+                "dtype": placement.dtype_name,
+                "device": str(placement.device),
+                "quant": placement.quant,
                 "throughput": throughput,
                 "state": "ONLINE",
                 "public_name": settings.public_name,
@@ -176,7 +213,7 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
             announcer.update(state=PeerState.ONLINE, throughput=throughput)
             print(
                 f"swarmllm peer ONLINE: blocks [{start}, {end}) of {source.model_id} "
-                f"as {peer_id} ({throughput:.1f} steps/s)"
+                f"as {peer_id} ({throughput:.1f} steps/s, {placement.describe()})"
                 + (f", with the {adapter.name} adapter" if adapter is not None else ""),
                 flush=True,
             )
@@ -191,12 +228,14 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
 
 
 async def _choose_blocks(
-    settings: PeerSettings, dht: hivemind.DHT, source: ModelSource
+    settings: PeerSettings, dht: hivemind.DHT, source: ModelSource, fits: int
 ) -> tuple[int, int]:
+    """``--blocks``; else ``--num-blocks``, else as many as fit in memory, where the swarm
+    needs them most."""
     num_layers = source.config.num_hidden_layers
     if settings.blocks is not None:
         return settings.blocks
-    wanted = min(settings.num_blocks or num_layers, num_layers)
+    wanted = min(settings.num_blocks or fits, num_layers)
     # a random pause lets peers started together see each other's JOINING records
     await asyncio.sleep(random.uniform(0, 1.0))
     coverage = await asyncio.get_running_loop().run_in_executor(

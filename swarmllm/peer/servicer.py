@@ -98,7 +98,7 @@ class PeerServicer(SwarmRPC):
         self.worker, self.limits, self.info = worker, limits, info
         self.allowed_peers = allowed_peers  # None: serve everyone (a public swarm)
         self.adapter = adapter  # the vision adapter block, served only with block 0
-        self.compute_dtype = next(span.parameters()).dtype
+        self.compute_dtype = span.dtype  # quantized weights do not tell it
         self._sub_spans: dict[tuple[int, int], BlockSpan] = {}
         self._codec = ThreadPoolExecutor(CODEC_THREADS, thread_name_prefix="swarmllm-codec")
         self._forwards: Counter[str] = Counter()  # stateless forwards running, per client
@@ -477,9 +477,7 @@ class PeerServicer(SwarmRPC):
         if (start, end) == (self.span.start, self.span.end):
             return self.span
         if (start, end) not in self._sub_spans:
-            offset = self.span.start
-            layers = self.span.layers[start - offset : end - offset]
-            self._sub_spans[start, end] = BlockSpan(self.span.config, start, end, layers)
+            self._sub_spans[start, end] = self.span.sub_span(start, end)
         return self._sub_spans[start, end]
 
     def _refuse(self, error: Exception, context: P2PContext) -> runtime_pb2.ExpertResponse:

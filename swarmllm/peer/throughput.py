@@ -20,7 +20,7 @@ DECODE_STEPS = 8
 
 def measure_throughput(span: BlockSpan) -> float:
     """Decode steps per second through the whole span after a short prefill."""
-    dtype = next(span.parameters()).dtype
+    dtype = span.dtype
     hidden_size = span.config.hidden_size
     cache = span.new_cache()
     span(torch.randn(1, CONTEXT_TOKENS, hidden_size, dtype=dtype), cache)
@@ -34,8 +34,9 @@ def measure_throughput(span: BlockSpan) -> float:
 
 def cached_throughput(span: BlockSpan, model_id: str, cache_file: Path) -> float:
     """The measured throughput, reusing an earlier measurement of the same model/span/setup."""
-    dtype = next(span.parameters()).dtype
-    key = f"{model_id}:{span.start}-{span.end}:{dtype}:threads={torch.get_num_threads()}"
+    key = f"{model_id}:{span.start}-{span.end}:{span.dtype}:threads={torch.get_num_threads()}"
+    if span.placement.quant != "none" or span.device.type != "cpu":
+        key += f":{span.placement.quant}:{span.device}"
     try:
         known = json.loads(cache_file.read_text())
     except (OSError, ValueError):
