@@ -98,6 +98,13 @@ class ChatSession:
         self.reset()
 
     @property
+    def session(self) -> ClientSession:
+        """The open inference session that holds the conversation."""
+        if self._session is None:
+            raise RuntimeError("the chat session is closed")
+        return self._session
+
+    @property
     def token_ids(self) -> torch.Tensor | None:
         """Every token of the conversation so far [1, n] (None before the first turn)."""
         return self._session.token_ids if self._session is not None else None

@@ -39,7 +39,7 @@ class GenerationConfig:
         *,
         max_new_tokens: int = 32,
         do_sample: bool | None = None,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         repetition_penalty: float | None = None,
@@ -47,12 +47,27 @@ class GenerationConfig:
         eos_token_id: int | Iterable[int] | None = None,
         stop_strings: str | Iterable[str] | None = None,
     ) -> GenerationConfig:
-        """Settings for one ``generate`` call. ``do_sample`` defaults to True when a
-        temperature, top-k or top-p is given; ``eos_token_id`` to the model's (``[]``: none)."""
+        """Settings for one ``generate`` call; the ``swarmllm`` command decides the same way.
+
+        Greedy unless sampling is asked for: ``do_sample`` defaults to True when a
+        temperature, top-k or top-p is given; temperature 0 means greedy. A ``seed`` without
+        sampling is an error rather than silently unused. ``eos_token_id`` defaults to the
+        model's (``[]``: none)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature is not None and temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if temperature == 0:  # greedy, as in most chat front-ends
+            if do_sample or top_k is not None or top_p is not None:
+                raise ValueError("temperature 0 means greedy: it excludes sampling (top_k, top_p)")
+            do_sample, temperature = False, None
         if do_sample is None:
-            do_sample = temperature != 1.0 or top_k is not None or top_p is not None
+            do_sample = temperature is not None or top_k is not None or top_p is not None
+        if seed is not None and not do_sample:
+            raise ValueError(
+                "a seed needs sampling: also give a temperature, top_k or top_p "
+                "(--temperature, --top-k, --top-p)"
+            )
         if eos_token_id is None:
             eos_token_id = defaults.eos_token_id
         eos = [] if eos_token_id is None else eos_token_id
@@ -64,7 +79,9 @@ class GenerationConfig:
             pad = min(eos_ids, default=0)
         return cls(
             max_new_tokens=max_new_tokens,
-            sampling=SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed),
+            sampling=SamplingParams(
+                do_sample, temperature or 1.0, top_k, top_p, repetition_penalty, seed
+            ),
             eos_token_ids=eos_ids,
             stop_strings=tuple(stop_strings or ()),
             pad_token_id=pad,
