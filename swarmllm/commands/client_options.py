@@ -14,6 +14,7 @@ from swarmllm.commands.arguments import (
     positive_int,
     readable_file,
 )
+from swarmllm.commands.parsing import UsageError
 
 SAMPLING_HELP = (
     "sampling: greedy unless --temperature, --top-k or --top-p is given (as in the Python "
@@ -105,12 +106,6 @@ def split_initial_peers(args: argparse.Namespace) -> None:
             peer_multiaddr(peer)
         except argparse.ArgumentTypeError as e:
             raise UsageError(f"--initial-peers: {e}") from None
-
-
-class UsageError(ValueError):
-    """Wrong arguments found after parsing; exits like argparse's own errors."""
-
-    exit_code = 2
 
 
 def connect(args: argparse.Namespace):

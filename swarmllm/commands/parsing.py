@@ -20,6 +20,12 @@ EXIT_CODES_HELP = (
 )
 
 
+class UsageError(ValueError):
+    """Wrong arguments found after parsing; exits like argparse's own errors."""
+
+    exit_code = EXIT_USAGE
+
+
 class DefaultsFormatter(argparse.HelpFormatter):
     """Appends ``(default: X)`` to each option's help unless it has no meaningful default or
     its help already names one."""
