@@ -23,7 +23,7 @@ from pathlib import Path
 from swarmllm.blocks.sources import ModelSource, resolve_model
 from swarmllm.dht.records import CoverageMap, PeerState
 from swarmllm.links import EmulatedLink, LinkEmulator, LinkProfile
-from swarmllm.security.identity import create_identity, peer_id_of
+from swarmllm.security.identity import load_or_create_identity, peer_id_of
 
 HOST = "127.0.0.1"
 STOP_TIMEOUT = 10.0
@@ -80,19 +80,22 @@ class LocalSwarm:
         *,
         replicas: int = 1,
         workdir: Path | None = None,
+        keep_logs: bool = False,
         peer_args: Sequence[str] = (),
         source: ModelSource | None = None,
         link: LinkProfile | None = None,
     ):
-        """``link``: put the bootstrap node and every peer behind an emulated link (each listens
-        on a private port and announces only its link's port), so that every connection, client
-        to peer and peer to peer, crosses one link with that delay and bandwidth."""
+        """``workdir`` keeps identities (reused by the next run there) and logs; without it a
+        temporary folder does, removed at ``stop`` unless ``keep_logs``. ``link``: put the
+        bootstrap node and every peer behind an emulated link (each listens on a private port
+        and announces only its link's port), so that every connection, client to peer and peer
+        to peer, crosses one link with that delay and bandwidth."""
         if num_peers < 0 or replicas < 1 or num_peers % replicas:
             raise ValueError(f"--peers ({num_peers}) must be a multiple of --replicas ({replicas})")
         self.num_peers, self.replicas, self.peer_args = num_peers, replicas, list(peer_args)
         self.model = model
         self.source = source
-        self._own_workdir = workdir is None
+        self._remove_workdir = workdir is None and not keep_logs
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="swarmllm-swarm-"))
         self.bootstrap: PeerProcess | None = None
         self.peers: list[PeerProcess] = []
@@ -129,7 +132,7 @@ class LocalSwarm:
         are given to (tests use it to start misbehaving peers).
         """
         identity = self.workdir / f"{name}.key"
-        peer_id = peer_id_of(create_identity(identity))
+        peer_id = peer_id_of(load_or_create_identity(identity))
         args = ["peer", "--initial-peers", *self.initial_peers, "--identity", str(identity)]
         listen, announce, link = self._addresses()
         args += ["--host-maddrs", listen, *(["--announce-maddrs", announce] if link else [])]
@@ -146,11 +149,12 @@ class LocalSwarm:
     def wait_until_ready(
         self,
         timeout: float = 120.0,
-        on_progress: Callable[[int, int], None] | None = None,
+        on_progress: Callable[[set[str]], None] | None = None,
         full_coverage: bool = True,
     ) -> CoverageMap:
         """Wait until every started peer is ONLINE in the DHT (and, by default, until every
-        block of the model is served)."""
+        block of the model is served). ``on_progress`` gets the ids of the peers online so
+        far, about twice a second."""
         from swarmllm.client.connection import SwarmConnection  # the client's DHT reader
 
         assert self.source is not None
@@ -168,7 +172,7 @@ class LocalSwarm:
                 }
                 ready = sum(peer.peer_id in online for peer in self.peers)
                 if on_progress is not None:
-                    on_progress(ready, len(self.peers))
+                    on_progress({peer.peer_id for peer in self.peers} & online)
                 if ready == len(self.peers) and (current.fully_covered or not full_coverage):
                     return current
                 if time.monotonic() > deadline:
@@ -197,7 +201,7 @@ class LocalSwarm:
         if self._links is not None:
             self._links.close()
             self._links = None
-        if self._own_workdir:
+        if self._remove_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalSwarm:
@@ -213,7 +217,7 @@ class LocalSwarm:
 
     def _start_bootstrap(self) -> None:
         identity = self.workdir / "bootstrap.key"
-        peer_id = peer_id_of(create_identity(identity))
+        peer_id = peer_id_of(load_or_create_identity(identity))
         listen, announce, link = self._addresses(free_port())
         self._bootstrap_maddr = f"{announce}/p2p/{peer_id}"
         args = ["dht", "--identity", str(identity), "--host-maddrs", listen]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 from cli_runner import run_cli
 
+from swarmllm.assets import example_image
 from swarmllm.blocks import shapes
 from swarmllm.blocks.local_vision import LocalVisionChain
 from swarmllm.blocks.sources import ModelSource
@@ -19,7 +19,7 @@ from swarmllm.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "green_star.png"
+EXAMPLE = example_image("green_star.png")
 HELD_OUT_INDEX = 3  # a fixed picture of the held-out split
 MAX_NEW_TOKENS = 8
 
@@ -62,16 +62,17 @@ def test_a_held_out_picture_is_answered_correctly_with_the_local_logits(embedded
     assert shapes.answer_is_correct(question, reply, scene.shape, scene.colour), reply
 
 
-def test_the_cli_answers_about_the_shipped_example_picture(swarm):
+def test_the_cli_answers_about_the_shipped_example_picture(swarm, tmp_path):
     assert load_image(EXAMPLE).size == (128, 128)
-    result = run_cli(
+    result = run_cli(  # by the example's name, from a directory without it
         "generate",
         "--image",
-        str(EXAMPLE),
+        "green_star.png",
         "--initial-peers",
         *swarm.initial_peers,
         "What is in the picture?",
         timeout=300,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert shapes.answer_is_correct("What is in the picture?", result.stdout, "star", "green")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
+import weakref
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import transformers
 
 from swarmllm.blocks.head import ModelHead
 from swarmllm.blocks.placement import resolve_device
+from swarmllm.blocks.prompts import prompt_ids
 from swarmllm.blocks.sources import ModelSource, resolve_model
 from swarmllm.blocks.vision import (
     ImageEncoder,
@@ -22,9 +25,9 @@ from swarmllm.blocks.vision import (
 )
 from swarmllm.blocks.vision_factory import load_image_encoder
 from swarmllm.client.bans import BanList
-from swarmllm.client.concurrent import generate_concurrently
+from swarmllm.client.chat import ChatSession
 from swarmllm.client.connection import SwarmConnection
-from swarmllm.client.generation import GenerationConfig, generate_tokens
+from swarmllm.client.generation import GenerationConfig, gather_or_cancel, generate_tokens
 from swarmllm.client.hop import SessionSpec
 from swarmllm.client.profile import Profile, measure, phase_of
 from swarmllm.client.router import Router
@@ -73,10 +76,18 @@ class ClientSession:
         """Send hidden states (compute dtype) through the chain; returns the last hop's output.
         ``images`` (absolute positions) go to the first hop's adapter."""
         with measure(self.profile, phase_of(hidden.shape[1]), "swarm"):
-            dtype = WIRE_DTYPES[self._session.spec.wire_dtype]
-            wire_images = images.to(dtype) if images is not None else None
-            step = self._session.step(hidden.to(dtype), position, wire_images)
-            output = self.model.connection.run(step)
+            return self.model.connection.run(self.step_async(hidden, position, images))
+
+    async def step_async(
+        self,
+        hidden: torch.Tensor,
+        position: int | None = None,
+        images: ImageInputs | None = None,
+    ) -> torch.Tensor:
+        """``step`` on the connection's loop, to step several sessions together."""
+        dtype = WIRE_DTYPES[self._session.spec.wire_dtype]
+        wire_images = images.to(dtype) if images is not None else None
+        output = await self._session.step(hidden.to(dtype), position, wire_images)
         return output.to(hidden.dtype)
 
     def close(self) -> None:
@@ -127,6 +138,9 @@ class DistributedModelForCausalLM:
             allowed_peers,
             min_precision=min_precision,
         )
+        # closes the swarm connection when the model is garbage-collected or at exit, so a
+        # model used without ``with`` leaves no pending tasks behind
+        self._finalizer = weakref.finalize(self, connection.shutdown)
 
     @classmethod
     def from_pretrained(
@@ -268,35 +282,79 @@ class DistributedModelForCausalLM:
         if session is not None:
             if pad_lengths is not None:
                 raise ValueError("padded prompts cannot continue an existing session")
-            return generate_tokens(
-                self.head, session, input_ids, settings, self._decode, streamer, inputs
-            )
+            return self._generate([session], [input_ids], settings, [streamer], [inputs])[0]
         max_length = input_ids.shape[1] + settings.max_new_tokens
         with self.inference_session(
             max_length, input_ids.shape[0], pad_lengths, images=inputs is not None
         ) as own_session:
-            return generate_tokens(
-                self.head, own_session, input_ids, settings, self._decode, streamer, inputs
-            )
+            return self._generate([own_session], [input_ids], settings, [streamer], [inputs])[0]
 
+    def chat_session(
+        self,
+        system: str | None = None,
+        *,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        images: bool = False,
+        **generation: Any,
+    ) -> ChatSession:
+        """A multi-turn conversation on one session: ``chat.send(text)`` returns the reply and
+        sends only the new turn's tokens. ``generation``: defaults for every turn (see
+        ``ChatSession``)."""
+        return ChatSession(self, system, max_length=max_length, images=images, **generation)
+
+    def generate_text(self, prompt: str, *, chat: bool = True, **config: Any) -> str:
+        """The text generated after ``prompt`` (in the chat template with ``chat``), without
+        the prompt or special tokens. ``config`` is ``generate``'s."""
+        input_ids = prompt_ids(self.tokenizer, prompt, chat=chat)
+        output = self.generate(input_ids, **config)
+        return self.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+    @torch.inference_mode()
     def generate_concurrently(
         self, prompts: Sequence[torch.Tensor], **config: Any
     ) -> list[torch.Tensor]:
-        """Generate for several prompts at once, each in its own session, stepped together so
-        that peers batch them and the LM head runs once per step (see ``client.concurrent``)."""
-        return generate_concurrently(self, prompts, **config)
+        """Prompt + new tokens for each prompt ([rows, n] each, lengths may differ), each in
+        its own session, stepped together so that peers batch them and the LM head runs once
+        per step. ``config`` is ``generate``'s; each output equals ``generate``'s for it alone."""
+        settings = GenerationConfig.build(self.generation_defaults, **config)
+        sessions = [
+            ClientSession(self, self.new_session(p.shape[1] + settings.max_new_tokens, p.shape[0]))
+            for p in prompts
+        ]
+        try:
+            self.connection.run(gather_or_cancel(*(s._session.open() for s in sessions)))
+            return self._generate(sessions, prompts, settings)
+        finally:
+            self.connection.run(_close_all(sessions), timeout=10)
+
+    def _generate(
+        self,
+        sessions: Sequence[ClientSession],
+        prompts: Sequence[torch.Tensor],
+        settings: GenerationConfig,
+        streamers: Sequence[Any] | None = None,
+        images: Sequence[ImageInputs | None] | None = None,
+    ) -> list[torch.Tensor]:
+        return generate_tokens(
+            self.head, sessions, prompts, settings, self._decode, streamers=streamers, images=images
+        )
 
     def _decode(self, token_ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
 
     def shutdown(self) -> None:
-        self.connection.shutdown()
+        """Close the swarm connection (idempotent)."""
+        self._finalizer()
 
     def __enter__(self) -> DistributedModelForCausalLM:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+async def _close_all(sessions: Sequence[ClientSession]) -> None:
+    await asyncio.gather(*(s._session.close() for s in sessions), return_exceptions=True)
 
 
 def _left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int] | None:

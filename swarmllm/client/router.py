@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Collection
 
-from swarmllm.client.bans import BanList
+from swarmllm.client.bans import UNREACHABLE, BanList
 from swarmllm.client.connection import SwarmConnection
 from swarmllm.client.routing import Hop, NoRouteError, check_precision, find_route
 from swarmllm.dht.records import CoverageMap
@@ -99,13 +99,13 @@ class Router:
             await self.connection.ping_all(unmeasured)
             for peer_id in unmeasured:  # a record can outlive its peer until it expires
                 if peer_id not in self.connection.rtt:
-                    self.bans.ban(peer_id, "did not answer a ping")
+                    self.bans.ban(peer_id, UNREACHABLE)
         return find_route(
             coverage,
             start=start,
             end=end,
             rtt=self.connection.rtt,
-            banned=self.bans.banned() | set(avoid),
+            banned={**self.bans.rejections(), **dict.fromkeys(avoid, "busy")},
             allowed=self.allowed,
             min_cache_tokens=min_cache_tokens,
             first_hop_adapter=first_hop_adapter,

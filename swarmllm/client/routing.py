@@ -52,7 +52,7 @@ class NoRouteError(RuntimeError):
 
 @dataclass(frozen=True)
 class _Filter:
-    banned: frozenset[str]
+    banned: Mapping[str, str]  # peer id -> why it is skipped ("banned", "unreachable", ...)
     allowed: frozenset[str] | None
     min_cache_tokens: int
     min_precision: str | None = None
@@ -69,7 +69,7 @@ class _Filter:
         if not record.start <= block < record.end:
             return "with a record inconsistent with its span"
         if peer_id in self.banned:
-            return "banned"
+            return self.banned[peer_id]
         if self.allowed is not None and peer_id not in self.allowed:
             return "not in the allowed list"
         if record.cache_tokens_left < self.min_cache_tokens:
@@ -100,7 +100,7 @@ def find_route(
     start: int = 0,
     end: int | None = None,
     rtt: Mapping[str, float] | None = None,
-    banned: Collection[str] = (),
+    banned: Collection[str] | Mapping[str, str] = (),
     allowed: Collection[str] | None = None,
     min_cache_tokens: int = 0,
     first_hop_adapter: str | None = None,
@@ -110,11 +110,12 @@ def find_route(
     """The cheapest route through blocks ``[start, end)`` (default: the whole model).
 
     ``rtt`` maps peer ids to measured round-trip times in seconds (``default_rtt`` for the
-    others). ``first_hop_adapter`` requires the hop holding block ``start`` to provide that
-    adapter. ``min_precision`` (one of ``PRECISIONS``) skips peers computing coarser than it
-    (quantized or in a lower-precision dtype). Equal-cost routes are broken by fewer hops,
-    then by peer id, so the same inputs always give the same route. Raises NoRouteError when
-    the filtered peers can't cover the range.
+    others). ``banned``: peers to skip, or a map of them to why (named in the error: "banned",
+    "unreachable", "busy"). ``first_hop_adapter`` requires the hop holding block ``start`` to
+    provide that adapter. ``min_precision`` (one of ``PRECISIONS``) skips peers computing
+    coarser than it (quantized or in a lower-precision dtype). Equal-cost routes are broken by
+    fewer hops, then by peer id, so the same inputs always give the same route. Raises
+    NoRouteError when the filtered peers can't cover the range.
     """
     end = coverage.num_blocks if end is None else end
     if not 0 <= start < end <= coverage.num_blocks:
@@ -123,7 +124,7 @@ def find_route(
             f"of {coverage.num_blocks} blocks"
         )
     peer_filter = _Filter(
-        banned=frozenset(banned),
+        banned=dict(banned) if isinstance(banned, Mapping) else dict.fromkeys(banned, "banned"),
         allowed=None if allowed is None else frozenset(allowed),
         min_cache_tokens=min_cache_tokens,
         min_precision=min_precision,

@@ -5,15 +5,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hivemind.utils.multiaddr import Multiaddr
-
 
 def multiaddr(text: str) -> str:
     """argparse type: a multiaddr, checked before any heavy work."""
+    from hivemind.utils.multiaddr import Multiaddr
+
     try:
         Multiaddr(text)
     except Exception as e:
-        raise argparse.ArgumentTypeError(f"invalid multiaddr {text!r}: {e}") from e
+        reason = str(e).removeprefix(f"Invalid MultiAddr {text!r}: ")
+        raise argparse.ArgumentTypeError(f"invalid multiaddr {text!r}: {reason}") from e
+    return text
+
+
+def peer_multiaddr(text: str) -> str:
+    """argparse type: the address of a peer to join through, ending in ``/p2p/<peer id>``."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    text = multiaddr(text)
+    if "p2p" not in {protocol.name for protocol in Multiaddr(text).protocols()}:
+        raise argparse.ArgumentTypeError(
+            f"multiaddr {text!r} lacks /p2p/<peer id>: use the whole address a peer or "
+            "`swarmllm dht` printed, e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW..."
+        )
     return text
 
 
@@ -51,3 +65,28 @@ def readable_file(text: str) -> Path:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"file {text!r} does not exist or is not a file")
     return path
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number within [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number within [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number within [0, 1], got {value}")
+    return value
+
+
+def image_file(text: str) -> Path:
+    """argparse type: a picture's path, or the name of an example shipped with swarmllm
+    (``green_star.png`` or ``green_star``) from any working directory."""
+    from swarmllm.assets import example_image
+
+    path = Path(text)
+    if path.is_file():
+        return path
+    shipped = example_image(text)
+    if shipped is not None:
+        return shipped
+    raise argparse.ArgumentTypeError(f"image file {text!r} does not exist")

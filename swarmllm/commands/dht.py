@@ -8,16 +8,36 @@ import tempfile
 import threading
 from pathlib import Path
 
-from swarmllm.commands.arguments import add_nat_port_map_flag, multiaddr
+from swarmllm.commands.arguments import add_nat_port_map_flag, multiaddr, peer_multiaddr
+
+DEFAULT_HOST_MADDR = "/ip4/127.0.0.1/tcp/31337"
 
 
 def add_dht_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("dht", help="run a DHT-only bootstrap node")
-    parser.add_argument("--initial-peers", nargs="*", type=multiaddr, default=[])
     parser.add_argument(
-        "--host-maddrs", nargs="+", type=multiaddr, default=["/ip4/0.0.0.0/tcp/31337"]
+        "--initial-peers",
+        nargs="*",
+        type=peer_multiaddr,
+        default=[],
+        help="other bootstrap nodes to join (default: start a new swarm)",
     )
-    parser.add_argument("--announce-maddrs", nargs="*", type=multiaddr, default=[])
+    parser.add_argument(
+        "--host-maddrs",
+        nargs="+",
+        type=multiaddr,
+        default=[DEFAULT_HOST_MADDR],
+        help=f"addresses to listen on (default: {DEFAULT_HOST_MADDR}, this machine only; "
+        "for peers on other machines, /ip4/0.0.0.0/tcp/31337 listens on every interface); "
+        "a port in use is refused",
+    )
+    parser.add_argument(
+        "--announce-maddrs",
+        nargs="*",
+        type=multiaddr,
+        default=[],
+        help="addresses to tell other peers instead (e.g. a public address in front of NAT)",
+    )
     add_nat_port_map_flag(parser)
     parser.add_argument(
         "--identity", type=Path, help="key file (created if missing) that keeps the address stable"
@@ -26,8 +46,11 @@ def add_dht_command(commands: argparse._SubParsersAction) -> None:
 
 
 def run_dht(args: argparse.Namespace) -> None:
+    from swarmllm.commands.ports import check_ports_free
     from swarmllm.dht.node import swarm_dht
     from swarmllm.security.identity import load_or_create_identity
+
+    check_ports_free(args.host_maddrs)
 
     with tempfile.TemporaryDirectory(prefix="swarmllm-dht-") as scratch:
         identity = args.identity or Path(scratch) / "identity.key"

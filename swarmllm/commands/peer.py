@@ -10,6 +10,7 @@ from swarmllm.commands.arguments import (
     add_nat_port_map_flag,
     block_range,
     multiaddr,
+    peer_multiaddr,
     positive_int,
     readable_file,
 )
@@ -30,7 +31,11 @@ def add_peer_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("peer", help="serve a span of blocks to the swarm")
     parser.add_argument("--model", help="hub id or local directory (default: embedded SmolLM2)")
     parser.add_argument(
-        "--initial-peers", nargs="*", type=multiaddr, default=[], help="omit to start a new swarm"
+        "--initial-peers",
+        nargs="*",
+        type=peer_multiaddr,
+        default=[],
+        help="omit to start a new swarm",
     )
     blocks = parser.add_mutually_exclusive_group()
     blocks.add_argument("--blocks", type=block_range, help="serve blocks A:B (A inclusive)")
@@ -40,11 +45,25 @@ def add_peer_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--identity", type=Path, help="key file (created with mode 0600 if missing)"
     )
-    parser.add_argument("--host-maddrs", nargs="+", type=multiaddr, default=["/ip4/0.0.0.0/tcp/0"])
-    parser.add_argument("--announce-maddrs", nargs="*", type=multiaddr, default=[])
+    parser.add_argument(
+        "--host-maddrs",
+        nargs="+",
+        type=multiaddr,
+        default=["/ip4/0.0.0.0/tcp/0"],
+        help="addresses to listen on (tcp/0: any free port); a port in use is refused",
+    )
+    parser.add_argument(
+        "--announce-maddrs",
+        nargs="*",
+        type=multiaddr,
+        default=[],
+        help="addresses to tell other peers instead (e.g. a public address in front of NAT)",
+    )
     add_nat_port_map_flag(parser)
     parser.add_argument("--cache-tokens", type=positive_int, default=16384, help="KV cache budget")
-    parser.add_argument("--max-sessions", type=positive_int, default=32)
+    parser.add_argument(
+        "--max-sessions", type=positive_int, default=32, help="open sessions at once"
+    )
     parser.add_argument("--public-name", default="", help="a name shown in `swarmllm status`")
     parser.add_argument(
         "--device",
@@ -122,6 +141,8 @@ def memory_size(text: str) -> int:
 def run_peer_command(args: argparse.Namespace) -> None:
     from swarmllm.blocks.placement import resolve_placement
     from swarmllm.blocks.sources import resolve_model
+    from swarmllm.commands.parsing import UsageError
+    from swarmllm.commands.ports import check_ports_free
     from swarmllm.peer.server import PeerSettings, check_blocks, run_peer
     from swarmllm.security.allowlist import load_allowlist
     from swarmllm.security.identity import load_or_create_identity
@@ -132,8 +153,15 @@ def run_peer_command(args: argparse.Namespace) -> None:
         load_or_create_identity(args.identity)  # fail now on a corrupt or unreadable file
     allowed = load_allowlist(args.allowed_peers) if args.allowed_peers else None
     given = {name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None}
+    check_ports_free(args.host_maddrs)
     source = resolve_model(args.model)
     check_blocks(args.blocks, source)
+    num_layers = source.config.num_hidden_layers
+    if args.num_blocks is not None and args.num_blocks > num_layers:
+        raise UsageError(
+            f"--num-blocks {args.num_blocks} exceeds the model's {num_layers} blocks "
+            f"(serve at most {num_layers})"
+        )
     settings = PeerSettings(
         initial_peers=args.initial_peers,
         blocks=args.blocks,

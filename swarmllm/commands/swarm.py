@@ -16,7 +16,12 @@ def add_swarm_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--peers", type=positive_int, default=3, help="peer processes in all")
     parser.add_argument("--model", help="hub id or local directory (default: embedded SmolLM2)")
     parser.add_argument("--replicas", type=positive_int, default=1, help="peers per span")
-    parser.add_argument("--workdir", type=Path, help="keep identities and logs here")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep identities (reused by the next run in the same folder, so peer ids stay) and "
+        "each process's log here (default: a new temporary folder, kept after the swarm stops)",
+    )
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to come online")
     parser.add_argument(
         "--ask", metavar="PROMPT", help="ask the swarm one chat question, print the answer, stop"
@@ -31,28 +36,23 @@ def add_swarm_command(commands: argparse._SubParsersAction) -> None:
 
 
 def run_swarm(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from swarmllm.links import LinkProfile
     from swarmllm.swarm import LocalSwarm
 
     link = LinkProfile(args.link_delay_ms, args.link_jitter_ms, args.link_mbps)
     started = time.monotonic()
-    with LocalSwarm(
+    swarm = LocalSwarm(
         args.peers,
         args.model,
         replicas=args.replicas,
         workdir=args.workdir,
+        keep_logs=True,
         link=link if link.emulates_anything else None,
-    ) as swarm:
-        print(f"logs: {swarm.workdir}")
-        with tqdm(total=len(swarm.peers), desc="peers online", unit="peer") as bar:
-
-            def progress(ready: int, total: int) -> None:
-                bar.n = ready
-                bar.refresh()
-
-            coverage = swarm.wait_until_ready(args.timeout, on_progress=progress)
+    )
+    print(f"logs: {swarm.workdir}", flush=True)
+    with swarm:
+        with PeerProgress(swarm) as progress:
+            coverage = swarm.wait_until_ready(args.timeout, on_progress=progress.update)
         print(f"swarm ready in {time.monotonic() - started:.1f} s: {swarm.source.model_id}")
         for peer in swarm.peers:
             record = coverage.peers()[peer.peer_id]
@@ -66,7 +66,52 @@ def run_swarm(args: argparse.Namespace) -> None:
             ask(args.model, swarm.initial_peers, args.ask)
         else:
             _serve_until_stopped(swarm)
-    print("swarm stopped")
+    print(f"swarm stopped; logs kept in {swarm.workdir}")
+
+
+class PeerProgress:
+    """A live line per peer while the swarm comes up: a spinner, the peer's latest log line
+    (what it is loading), and the time since start; on a terminal only."""
+
+    def __init__(self, swarm):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.swarm = swarm
+        self.display = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.fields[name]:<12}"),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        self.tasks = {
+            peer.peer_id: self.display.add_task("starting", name=peer.name, total=1)
+            for peer in swarm.peers
+        }
+
+    def update(self, online: set[str]) -> None:
+        for peer in self.swarm.peers:
+            task = self.tasks[peer.peer_id]
+            if peer.peer_id in online:
+                self.display.update(task, description="online", completed=1)
+            else:
+                self.display.update(task, description=_latest(peer.log_tail(5)))
+
+    def __enter__(self) -> PeerProgress:
+        self.display.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.display.stop()
+
+
+def _latest(log_tail: str, width: int = 60) -> str:
+    """The last line of a log without its timestamp and logger name, cut to ``width``."""
+    lines = [line for line in log_tail.splitlines() if line.strip()]
+    if not lines:
+        return "starting"
+    text = lines[-1].split(": ", 1)[-1] if " INFO " in lines[-1] else lines[-1]
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _serve_until_stopped(swarm) -> None:
