@@ -1,4 +1,5 @@
-"""The ``swarmllm`` command: ``peer``, ``dht``, ``generate``, ``swarm``, ``status``, ``keygen``."""
+"""The ``swarmllm`` command: ``peer``, ``dht``, ``generate``, ``swarm``, ``status``, ``keygen``,
+``api``."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
     from swarmllm.commands import (
+        add_api_command,
         add_dht_command,
         add_generate_command,
         add_keygen_command,
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_swarm_command,
         add_status_command,
         add_keygen_command,
+        add_api_command,
     ):
         add(commands)
     return parser

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+from swarmllm.commands.api import add_server_arguments
 from swarmllm.commands.arguments import positive_int
 
 
@@ -21,6 +22,7 @@ def add_swarm_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--ask", metavar="PROMPT", help="ask the swarm one chat question, print the answer, stop"
     )
+    add_server_arguments(parser, port_flag="--api-port")
     parser.set_defaults(handler=run_swarm)
 
 
@@ -50,6 +52,13 @@ def run_swarm(args: argparse.Namespace) -> None:
         print(f"  swarmllm generate{model} --initial-peers {peers} --chat {question}")
         if args.ask:
             ask(args.model, swarm.initial_peers, args.ask)
+        elif args.api_port is not None:
+            from swarmllm.commands.api import api_keys, serve_swarm
+
+            print("\nCtrl-C stops the server and the swarm.", flush=True)
+            serve_swarm(
+                args.model, swarm.initial_peers, args.host, args.api_port, api_keys(args.api_key)
+            )
         else:
             _serve_until_stopped(swarm)
     print("swarm stopped")

@@ -147,6 +147,7 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 "version": swarmllm.__version__,
                 "torch": torch.__version__,
                 "dtype": settings.dtype,
+                "device": str(next(span.parameters()).device),
                 "throughput": throughput,
                 "state": "ONLINE",
                 "public_name": settings.public_name,

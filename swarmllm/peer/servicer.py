@@ -78,7 +78,8 @@ class PeerServicer(ServicerBase):
     ) -> runtime_pb2.ExpertResponse:
         if (refusal := self._refuse_unlisted(context)) is not None:
             return refusal
-        return encode_response({**self.info, "cache_tokens_left": self.registry.tokens_left})
+        live = {"cache_tokens_left": self.registry.tokens_left, "sessions": len(self.registry)}
+        return encode_response({**self.info, **live})
 
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
