@@ -330,7 +330,8 @@ async def _stream(
 
 
 def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(",", ":"))}\n\n"
+    encoded = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {encoded}\n\n"
 
 
 def _api_error(error: BaseException) -> APIError:
