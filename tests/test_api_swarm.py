@@ -440,7 +440,12 @@ def test_a_chat_message_streams_its_answer_into_the_page(browser, server, refere
     seen = [text for text in page.evaluate("window.seen") if text]
     assert len(set(seen)) > 3 and seen[-1] == expected  # it grew token by token
     assert all(expected.startswith(text) for text in seen)
-    page.wait_for_selector("#route li:has-text('blocks 20–29')", timeout=10_000)
+    page.wait_for_function(
+        "document.querySelectorAll('#route li').length === 3", timeout=10_000
+    )  # the route of this reply: every hop of the swarm, highlighted in the peers' rows
+    route = page.inner_text("#route")
+    assert all(f"blocks {a}–{b}" in route for a, b in ((0, 9), (10, 19), (20, 29)))
+    assert page.locator("#peers tr.routed").count() == 3
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "api-page.png"))
     page.close()

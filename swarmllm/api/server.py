@@ -18,6 +18,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
@@ -70,11 +71,13 @@ class ApiState:
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
 
     async def status(self) -> dict[str, Any]:
-        async with self._status_lock:  # many open pages share one snapshot a second
+        """The swarm as the dashboard shows it; the last reply's route is always current."""
+        async with self._status_lock:  # many open pages share one swarm snapshot a second
             if self._status is None or time.monotonic() - self._status[0] > STATUS_MAX_AGE:
-                snapshot = await self.on_swarm(swarm_status(self.model, self.scheduler))
+                snapshot = await self.on_swarm(swarm_status(self.model))
                 self._status = (time.monotonic(), snapshot)
-            return self._status[1]
+            route = [asdict(hop) for hop in self.scheduler.last_route]
+            return {**self._status[1], "last_route": route, "takes_images": self.takes_images}
 
 
 def create_app(model: DistributedModelForCausalLM, api_keys: Sequence[str] = ()) -> FastAPI:
@@ -136,7 +139,7 @@ def create_app(model: DistributedModelForCausalLM, api_keys: Sequence[str] = ())
 
     @app.get("/swarm/status")
     async def dashboard_status() -> dict[str, Any]:
-        return {**await state.status(), "takes_images": state.takes_images}
+        return await state.status()
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -152,20 +155,20 @@ def serve(
     port: int = 8000,
     api_keys: Sequence[str] = (),
 ) -> None:
-    """Serve until SIGINT/SIGTERM. uvicorn shuts down gracefully on either, then raises the
-    signal again with the previous handler in place: SIGTERM's must unwind the caller (its
-    swarm and connection) rather than kill the process on the spot."""
+    """Serve until SIGINT or SIGTERM. uvicorn shuts down gracefully on either, then raises the
+    signal again under the handler it found: for SIGTERM that must be a no-op, so that this
+    returns and the caller unwinds (its swarm and connection) instead of dying on the spot."""
     import uvicorn
 
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _ignore)
     try:
         uvicorn.run(create_app(model, api_keys), host=host, port=port, log_level="warning")
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+def _ignore(signum: int, frame: Any) -> None:
+    pass
 
 
 # ---------------------------------------------------------------- requests into jobs

@@ -1,21 +1,19 @@
-"""What the dashboard shows: the swarm's peers, block coverage, and the last reply's route."""
+"""What the dashboard shows of the swarm: its peers and the block-by-block coverage."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from swarmllm.client.routing import NoRouteError
 
 if TYPE_CHECKING:
-    from swarmllm.api.scheduler import Scheduler
     from swarmllm.client.model import DistributedModelForCausalLM
 
 INFO_TIMEOUT = 2.0
 
 
-async def swarm_status(model: DistributedModelForCausalLM, scheduler: Scheduler) -> dict[str, Any]:
+async def swarm_status(model: DistributedModelForCausalLM) -> dict[str, Any]:
     """Runs on the model's connection loop: a fresh coverage read and every peer's ``info``."""
     coverage, _ = await model.router.read_coverage(fresh=True)
     records = coverage.peers()
@@ -57,7 +55,6 @@ async def swarm_status(model: DistributedModelForCausalLM, scheduler: Scheduler)
         "blocks": [len(coverage.online(block)) for block in range(num_blocks)],
         "uncovered": [list(r) for r in coverage.uncovered_ranges()],
         "peers": peers,
-        "last_route": [asdict(hop) for hop in scheduler.last_route],
     }
 
 

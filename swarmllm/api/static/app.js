@@ -89,7 +89,10 @@ function renderStatus(s) {
   }
 }
 
+let pollTimer = null;
+
 async function poll() {
+  clearTimeout(pollTimer);
   try {
     const response = await fetch("/swarm/status", { cache: "no-store" });
     if (!response.ok) throw new Error(`status ${response.status}`);
@@ -99,7 +102,7 @@ async function poll() {
     $("dashboard-error").textContent = `cannot read the swarm's status: ${e.message}`;
     $("dashboard-error").hidden = false;
   } finally {
-    setTimeout(poll, POLL_MS);
+    pollTimer = setTimeout(poll, POLL_MS);
   }
 }
 
@@ -190,6 +193,7 @@ async function send(event) {
     reply.classList.add("done");
     state.busy = false;
     $("send").disabled = false;
+    poll();  // show the route this reply took
   }
 }
 
