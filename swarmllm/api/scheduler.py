@@ -6,7 +6,9 @@ session concurrently, so the steps reach each peer together and the peer runs th
 batched forward pass (``peer/batching.py``). Then it runs the LM head once over all the last
 hidden states and samples each request's token with that request's own settings. A request
 that finishes, fails or is cancelled (its HTTP client went away) leaves between two rounds and
-its session is closed on the peers at once; a new request joins at the next round.
+its session is closed on the peers at once; a new request joins at the next round. A new
+request's prompt pass runs in the round it joins, so that round's tokens of the others wait for
+it (there is no chunked prefill).
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ class ApiState:
     ):
         self.model, self.api_keys, self.metrics = model, tuple(api_keys), metrics
         self.scheduler = Scheduler(model, metrics)
+        model.tokenizer  # noqa: B018 - loaded once here, not by two threads at first use
         self.names = {model.source.name, model.model_id}
         self.takes_images = _takes_images(model)
         self._status: tuple[float, dict[str, Any]] | None = None
