@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"swarmllm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from swarmllm.commands import (
+        add_api_command,
         add_chat_command,
         add_dht_command,
         add_generate_command,
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_status_command,
         add_keygen_command,
         add_manifest_command,
+        add_api_command,
     ):
         add(commands)
     return parser

@@ -484,11 +484,14 @@ class InfoReply:
     version: str  # the peer's software version
     torch: str
     dtype: str
+    device: str
+    quant: str
     throughput: float
     state: str
     public_name: str
     adapters: tuple[str, ...]
     cache_tokens_left: int
+    sessions: int  # open sessions
     max_tokens: int
     max_bytes: int
     protocol: tuple[int, int] = PROTOCOL_VERSION
@@ -508,11 +511,14 @@ class InfoReply:
             version=_str(meta, "version", empty=True),
             torch=_str(meta, "torch", empty=True),
             dtype=_str(meta, "dtype"),
+            device=_str(meta, "device"),
+            quant=_str(meta, "quant"),
             throughput=_float(meta, "throughput"),
             state=_str(meta, "state"),
             public_name=_str(meta, "public_name", empty=True),
             adapters=_str_list(meta, "adapters"),
             cache_tokens_left=_int(meta, "cache_tokens_left"),
+            sessions=_int(meta, "sessions"),
             max_tokens=_int(meta, "max_tokens", 1),
             max_bytes=_int(meta, "max_bytes", 1),
             protocol=_version(meta),

@@ -1,5 +1,6 @@
 """One module per ``swarmllm`` subcommand; each exposes ``add_<name>_command(subparsers)``."""
 
+from swarmllm.commands.api import add_api_command
 from swarmllm.commands.chat import add_chat_command
 from swarmllm.commands.dht import add_dht_command
 from swarmllm.commands.generate import add_generate_command
@@ -10,6 +11,7 @@ from swarmllm.commands.status import add_status_command
 from swarmllm.commands.swarm import add_swarm_command
 
 __all__ = [
+    "add_api_command",
     "add_chat_command",
     "add_dht_command",
     "add_generate_command",

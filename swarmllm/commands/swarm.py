@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+from swarmllm.commands.api import add_server_arguments
 from swarmllm.commands.arguments import positive_int
 
 
@@ -32,6 +33,7 @@ def add_swarm_command(commands: argparse._SubParsersAction) -> None:
     links.add_argument("--link-delay-ms", type=float, default=0.0, help="one-way delay")
     links.add_argument("--link-jitter-ms", type=float, default=0.0, help="± uniform jitter")
     links.add_argument("--link-mbps", type=float, help="bandwidth cap per link and direction")
+    add_server_arguments(parser, port_flag="--api-port")
     parser.set_defaults(handler=run_swarm)
 
 
@@ -64,6 +66,13 @@ def run_swarm(args: argparse.Namespace) -> None:
         print(f"  swarmllm generate{model} --initial-peers {peers} --chat {question}")
         if args.ask:
             ask(args.model, swarm.initial_peers, args.ask)
+        elif args.api_port is not None:
+            from swarmllm.commands.api import api_keys, serve_swarm
+
+            print("\nCtrl-C stops the server and the swarm.", flush=True)
+            serve_swarm(
+                args.model, swarm.initial_peers, args.host, args.api_port, api_keys(args.api_key)
+            )
         else:
             _serve_until_stopped(swarm)
     print(f"swarm stopped; logs kept in {swarm.workdir}")

@@ -116,6 +116,7 @@ class PeerServicer(SwarmRPC):
         return InfoReply(
             **self.info,
             cache_tokens_left=self.registry.tokens_left,
+            sessions=len(self.registry),
             max_tokens=self.limits.max_tokens_per_message,
             max_bytes=self.limits.max_message_bytes,
         ).encode()
