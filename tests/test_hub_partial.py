@@ -250,3 +250,19 @@ def test_unreachable_hub_falls_back_to_the_cache(hub, as_process, monkeypatch, c
     assert again.model_id == online.model_id
     assert "the hub cannot be reached" in caplog.text
     BlockSpan.from_weights(again.config, again.weight_files(), 0, 2)
+
+
+def test_single_file_checkpoint_is_mapped_from_its_header(hub, tiny_model_dir, as_process):
+    as_process("single")
+    directory = tiny_model_dir("llama")  # one model.safetensors, no index
+    hub.add_repo("swarmllm-tests/tiny-single", directory)
+    source = resolve_model("swarmllm-tests/tiny-single")
+    assert source.model_id == resolve_model(directory).model_id
+    size = (directory / "model.safetensors").stat().st_size
+    reads = [
+        r
+        for r in hub.log
+        if r.label == "single" and r.file == "model.safetensors" and r.method == "GET"
+    ]
+    assert reads and all(r.range for r in reads)  # range reads of the header, no download
+    assert sum(r.body_bytes for r in reads) < size / 4

@@ -124,11 +124,7 @@ def _manifest_from_hub(repo_id: str, commit: str, path: Path, siblings: dict) ->
     elif SAFETENSORS_FILE in siblings:
         # one range request for the file's header: which tensors it holds, without its data
         try:
-            weight_map = (
-                huggingface_hub.HfApi()
-                .get_safetensors_metadata(repo_id, revision=commit)
-                .weight_map
-            )
+            weight_map = _api().get_safetensors_metadata(repo_id, revision=commit).weight_map
         except _HUB_ERRORS as exc:
             raise ModelSourceError(
                 f"cannot read the safetensors header of {repo_id}: {_first_line(exc)}"
