@@ -92,7 +92,7 @@ def peer_memory(source: ModelSource, num_blocks: int) -> dict[str, dict[str, int
         for process in [root, *root.children(recursive=True)]:
             info = process.memory_full_info()
             name = "peer" if process.pid == root.pid else _role(process)
-            memory[name] = {"rss": info.rss, "pss": info.pss}
+            memory[name] = {"rss": info.rss, "pss": info.pss, **_rss_kinds(process.pid)}
         return memory
 
 
@@ -106,6 +106,17 @@ def _wait_online(swarm: LocalSwarm, timeout: float = 300.0) -> None:
         except TimeoutError:
             if time.monotonic() > deadline:
                 raise
+
+
+def _rss_kinds(pid: int) -> dict[str, int]:
+    """Resident anonymous memory (heap: weights, caches) and file-backed pages (libraries)."""
+    fields = {"RssAnon:": "anon", "RssFile:": "file"}
+    kinds = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, *rest = line.split()
+        if key in fields:
+            kinds[fields[key]] = int(rest[0]) * 1024
+    return kinds
 
 
 def _role(process: psutil.Process) -> str:
@@ -141,7 +152,8 @@ def main() -> None:
         table.add_row(stage, f"{rss / MIB:.0f} MiB")
     console.print(table)
     table = Table(title=f"peer serving the last N blocks of {source.name} (idle, float32)")
-    for column in ["blocks", "weights", "peer RSS", "DHT proc RSS", "p2pd RSS", "all PSS"]:
+    columns = ["blocks", "weights", "peer RSS", "(anon)", "(files)", "DHT proc RSS", "p2pd RSS"]
+    for column in [*columns, "all PSS"]:
         table.add_column(column, justify="right")
     for n in args.spans:
         procs = spans[n]
@@ -149,6 +161,8 @@ def main() -> None:
             str(n),
             f"{weights[n] / MIB:.0f} MiB",
             f"{procs['peer']['rss'] / MIB:.0f} MiB",
+            f"{procs['peer'].get('anon', 0) / MIB:.0f} MiB",
+            f"{procs['peer'].get('file', 0) / MIB:.0f} MiB",
             f"{procs.get('dht process', {}).get('rss', 0) / MIB:.0f} MiB",
             f"{procs.get('p2pd', {}).get('rss', 0) / MIB:.0f} MiB",
             f"{total_pss[n] / MIB:.0f} MiB",

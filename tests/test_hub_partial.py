@@ -28,7 +28,7 @@ from swarmllm.blocks.manifest import MANIFEST_FILE
 from swarmllm.blocks.sources import ModelSourceError, resolve_model
 from swarmllm.blocks.span import BlockSpan
 from swarmllm.client.model import DistributedModelForCausalLM
-from swarmllm.swarm import LocalSwarm, SwarmStartError
+from swarmllm.swarm import LocalSwarm, SwarmStartError, free_port
 
 REPO = "swarmllm-tests/tiny-sharded"
 OTHER_REPO = "swarmllm-tests/tiny-sharded-changed"
@@ -239,3 +239,30 @@ def test_interrupted_download_resumes_where_it_stopped(hub, as_process, monkeypa
     assert (first.range, first.body_bytes) == (None, cut)
     resumed_at = int(second.range.removeprefix("bytes=").removesuffix("-"))
     assert 0 < resumed_at <= cut and second.body_bytes == size - resumed_at
+
+
+def test_unreachable_hub_falls_back_to_the_cache(hub, as_process, monkeypatch, caplog):
+    as_process("unreachable")
+    online = resolve_model(REPO)
+    BlockSpan.from_weights(online.config, online.weight_files(), 0, 2)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nobody listens
+    again = resolve_model(REPO)
+    assert again.model_id == online.model_id
+    assert "the hub cannot be reached" in caplog.text
+    BlockSpan.from_weights(again.config, again.weight_files(), 0, 2)
+
+
+def test_single_file_checkpoint_is_mapped_from_its_header(hub, tiny_model_dir, as_process):
+    as_process("single")
+    directory = tiny_model_dir("llama")  # one model.safetensors, no index
+    hub.add_repo("swarmllm-tests/tiny-single", directory)
+    source = resolve_model("swarmllm-tests/tiny-single")
+    assert source.model_id == resolve_model(directory).model_id
+    size = (directory / "model.safetensors").stat().st_size
+    reads = [
+        r
+        for r in hub.log
+        if r.label == "single" and r.file == "model.safetensors" and r.method == "GET"
+    ]
+    assert reads and all(r.range for r in reads)  # range reads of the header, no download
+    assert sum(r.body_bytes for r in reads) < size / 4

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx2  # huggingface_hub's HTTP client: its connection errors reach us unwrapped
 import huggingface_hub
 from huggingface_hub.errors import EntryNotFoundError
 
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 METADATA_PATTERNS = ("*.json", "tokenizer*", "*.model", "*.txt", "*.jinja")
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-_HUB_ERRORS = (OSError, ValueError, EntryNotFoundError)  # HTTP, connection and cache misses
+# HTTP errors, refused or dropped connections, cache misses
+_HUB_ERRORS = (OSError, ValueError, EntryNotFoundError, httpx2.HTTPError)
 
 
 @dataclass(frozen=True)
@@ -122,11 +124,7 @@ def _manifest_from_hub(repo_id: str, commit: str, path: Path, siblings: dict) ->
     elif SAFETENSORS_FILE in siblings:
         # one range request for the file's header: which tensors it holds, without its data
         try:
-            weight_map = (
-                huggingface_hub.HfApi()
-                .get_safetensors_metadata(repo_id, revision=commit)
-                .weight_map
-            )
+            weight_map = _api().get_safetensors_metadata(repo_id, revision=commit).weight_map
         except _HUB_ERRORS as exc:
             raise ModelSourceError(
                 f"cannot read the safetensors header of {repo_id}: {_first_line(exc)}"
