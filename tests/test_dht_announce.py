@@ -28,7 +28,7 @@ def record(start: int, end: int, state: PeerState = PeerState.ONLINE) -> PeerRec
         state=state,
         start=start,
         end=end,
-        throughput=12.5,
+        decode_steps_per_s=12.5,
         cache_tokens_left=4096,
         version="0.1.0",
         dtype="float32",
@@ -193,7 +193,7 @@ def _fields(**changes: object) -> dict[str, object]:
         "state": 2,
         "start": 0,
         "end": 1,
-        "throughput": 1.0,
+        "decode_steps_per_s": 1.0,
         "cache_tokens_left": 1,
         "version": "0.1.0",
         "dtype": "float32",
@@ -214,7 +214,7 @@ def test_a_record_decodes_within_limits(hostile: dict[str, object]):
     with pytest.raises(ValueError, match="malformed peer record"):
         PeerRecord.from_bytes(msgpack.packb(hostile))
     assert PeerRecord.from_bytes(msgpack.packb(_fields())) == replace(
-        record(0, 1), throughput=1.0, cache_tokens_left=1
+        record(0, 1), decode_steps_per_s=1.0, cache_tokens_left=1
     )
 
 

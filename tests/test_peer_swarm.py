@@ -54,7 +54,7 @@ def test_coverage_shows_every_block_online_with_the_right_spans(swarm, connectio
         assert record.state == PeerState.ONLINE
         assert spans[peer_id] == (record.start, record.end)
         assert record.start <= block < record.end
-        assert record.throughput > 0
+        assert record.decode_steps_per_s > 0
 
 
 def _local_span(llama: ModelSource, start: int, end: int) -> BlockSpan:
@@ -251,7 +251,7 @@ def test_status_reports_every_peer_and_full_coverage(swarm, llama):
         row = rows[peer.peer_id]
         assert tuple(row["blocks"]) == peer.blocks
         assert row["state"] == "ONLINE" and row["ping_ms"] is not None
-        assert row["throughput"] > 0 and row["cache_tokens_left"] > 0
+        assert row["decode_steps_per_s"] > 0 and row["cache_tokens_left"] > 0
         assert row["adapters"] == []  # a text-only model
 
     table = status()

@@ -37,7 +37,7 @@ def status(args: argparse.Namespace) -> None:
                 "name": record.public_name,
                 "blocks": [record.start, record.end],
                 "state": record.state.name,
-                "throughput": round(record.throughput, 2),
+                "decode_steps_per_s": round(record.decode_steps_per_s, 2),
                 "cache_tokens_left": record.cache_tokens_left,
                 "adapters": list(record.adapters),
                 "ping_ms": round(connection.rtt[peer_id] * 1000, 2)
@@ -52,7 +52,7 @@ def status(args: argparse.Namespace) -> None:
         print(json.dumps({**report, "uncovered": uncovered, "fully_covered": not uncovered}))
         return
     table = Table(title=f"{source.model_id}: {num_blocks} blocks")
-    for column in ("blocks", "peer", "state", "steps/s", "cache left", "ping", "adapters"):
+    for column in ("blocks", "peer", "state", "decode steps/s", "cache left", "ping", "adapters"):
         table.add_column(column)
     for row in rows:
         ping = f"{row['ping_ms']:.1f} ms" if row["ping_ms"] is not None else "unreachable"
@@ -60,7 +60,7 @@ def status(args: argparse.Namespace) -> None:
             f"{row['blocks'][0]}-{row['blocks'][1] - 1}",
             f"{row['name'] or ''} {row['peer_id'][-8:]}",
             row["state"],
-            f"{row['throughput']:.1f}",
+            f"{row['decode_steps_per_s']:.1f}",
             str(row["cache_tokens_left"]),
             ping,
             ", ".join(row["adapters"]),

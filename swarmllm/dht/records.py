@@ -17,7 +17,7 @@ import msgpack
 from swarmllm.security.record_validator import MAX_RECORD_BYTES
 from swarmllm.security.signing import SIGNATURE_BYTES
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: ``throughput`` became ``decode_steps_per_s``
 # room left for hivemind's msgpack framing of the value (a bin header of at most 5 bytes)
 MAX_PEER_RECORD_BYTES = MAX_RECORD_BYTES - SIGNATURE_BYTES - 5
 # decode limits: a record's longest string is its public name; its one list, the adapters
@@ -43,7 +43,9 @@ class PeerRecord:
     state: PeerState
     start: int
     end: int
-    throughput: float  # tokens/s this peer processes through its whole span (decode steps)
+    # single-token decode steps of one sequence per second through the whole span
+    # (measured as swarmllm.peer.throughput says)
+    decode_steps_per_s: float
     cache_tokens_left: int
     version: str
     dtype: str
@@ -61,7 +63,7 @@ class PeerRecord:
                 "state": int(self.state),
                 "start": self.start,
                 "end": self.end,
-                "throughput": float(self.throughput),
+                "decode_steps_per_s": float(self.decode_steps_per_s),
                 "cache_tokens_left": int(self.cache_tokens_left),
                 "version": self.version,
                 "dtype": self.dtype,
@@ -88,7 +90,7 @@ class PeerRecord:
                 state=PeerState(int(data["state"])),
                 start=int(data["start"]),
                 end=int(data["end"]),
-                throughput=float(data["throughput"]),
+                decode_steps_per_s=float(data["decode_steps_per_s"]),
                 cache_tokens_left=int(data["cache_tokens_left"]),
                 version=str(data["version"]),
                 dtype=str(data["dtype"]),

@@ -27,7 +27,7 @@ from swarmllm.peer.batching import BatchingWorker
 from swarmllm.peer.selection import choose_span
 from swarmllm.peer.servicer import PeerIdentity, PeerServicer
 from swarmllm.peer.sessions import SessionRegistry
-from swarmllm.peer.throughput import cached_throughput
+from swarmllm.peer.throughput import cached_decode_rate
 from swarmllm.protocol import SERVICER_NAMESPACE
 from swarmllm.security.identity import load_or_create_identity, peer_id_of
 from swarmllm.security.validation import RequestLimits
@@ -115,7 +115,7 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 state=PeerState.JOINING,
                 start=start,
                 end=end,
-                throughput=0.0,
+                decode_steps_per_s=0.0,
                 cache_tokens_left=settings.cache_tokens,
                 version=swarmllm.__version__,
                 dtype=settings.dtype,
@@ -134,8 +134,12 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
             span = await worker.run(
                 BlockSpan.from_weights, source.config, source.weight_files(), start, end, dtype
             )
-            throughput = await worker.run(
-                cached_throughput, span, source.model_id, cache_root() / "throughput.json"
+            decode_rate = await worker.run(
+                cached_decode_rate,
+                span,
+                source.model_id,
+                settings.decode_threads,
+                cache_root() / "throughput.json",
             )
             registry = SessionRegistry(
                 settings.cache_tokens, settings.max_sessions, settings.limits.max_sessions_per_peer
@@ -147,7 +151,7 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 "version": swarmllm.__version__,
                 "torch": torch.__version__,
                 "dtype": settings.dtype,
-                "throughput": throughput,
+                "decode_steps_per_s": decode_rate,
                 "state": "ONLINE",
                 "public_name": settings.public_name,
                 "adapters": list(adapters),
@@ -164,10 +168,10 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
             )
             p2p = await dht.replicate_p2p()
             await servicer.add_p2p_handlers(p2p, namespace=SERVICER_NAMESPACE)
-            announcer.update(state=PeerState.ONLINE, throughput=throughput)
+            announcer.update(state=PeerState.ONLINE, decode_steps_per_s=decode_rate)
             print(
                 f"swarmllm peer ONLINE: blocks [{start}, {end}) of {source.model_id} "
-                f"as {peer_id} ({throughput:.1f} steps/s)"
+                f"as {peer_id} ({decode_rate:.1f} decode steps/s)"
                 + (f", with the {adapter.name} adapter" if adapter is not None else ""),
                 flush=True,
             )
