@@ -126,6 +126,18 @@ class CoverageMap:
             merged.update(per_block)
         return merged
 
+    def without(self, peer_ids: set[str]) -> CoverageMap:
+        """The same map with ``peer_ids``' records left out."""
+        return CoverageMap(
+            self.model_id,
+            self.num_blocks,
+            [{p: r for p, r in block.items() if p not in peer_ids} for block in self.blocks],
+            {
+                name: {p: r for p, r in block.items() if p not in peer_ids}
+                for name, block in self.extra.items()
+            },
+        )
+
     def online(self, block: int) -> dict[str, PeerRecord]:
         return {
             peer_id: record

@@ -22,7 +22,8 @@ from swarmllm.blocks.vision_factory import load_adapter
 from swarmllm.dht.announce import Announcer
 from swarmllm.dht.coverage import get_coverage
 from swarmllm.dht.node import swarm_dht
-from swarmllm.dht.records import PeerRecord, PeerState
+from swarmllm.dht.ping import answering_peers
+from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState
 from swarmllm.peer.batching import BatchingWorker
 from swarmllm.peer.selection import choose_span
 from swarmllm.peer.servicer import PeerIdentity, PeerServicer
@@ -35,6 +36,8 @@ from swarmllm.security.validation import RequestLimits
 logger = logging.getLogger("swarmllm.peer")
 
 MAINTENANCE_PERIOD = 2.0
+SETTLE_ROUNDS = 2  # checks in a row that must keep a new peer's choice of blocks
+MAX_SETTLE_CHECKS = 8
 
 
 @dataclass
@@ -107,10 +110,7 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 print(f"swarmllm peer address: {maddr}", flush=True)
             start, end = await _choose_blocks(settings, dht, source)
             dtype = getattr(torch, settings.dtype)
-            adapter = None
-            if settings.adapter and start == 0:  # images enter with block 0, in the first hop
-                adapter = await worker.run(load_adapter, source)
-            adapters = (adapter.name,) if adapter is not None else ()
+            # JOINING goes out before anything slow, so that peers starting now see this one
             record = PeerRecord(
                 state=PeerState.JOINING,
                 start=start,
@@ -120,17 +120,24 @@ async def _serve(settings: PeerSettings, source: ModelSource) -> None:
                 version=swarmllm.__version__,
                 dtype=settings.dtype,
                 public_name=settings.public_name,
-                adapters=adapters,
             )
             announcer = Announcer(
                 dht,
                 source.model_id,
-                [*range(start, end), *([ADAPTER_BLOCK] if adapter is not None else [])],
+                range(start, end),
                 record,
                 refresh_period=settings.refresh_period,
                 ttl=3 * settings.refresh_period,
             )
             announcer.start()
+            if settings.blocks is None:
+                start, end = await _settle(dht, source, announcer, start, end)
+            adapter = None
+            if settings.adapter and start == 0:  # images enter with block 0, in the first hop
+                adapter = await worker.run(load_adapter, source)
+            adapters = (adapter.name,) if adapter is not None else ()
+            if adapter is not None:
+                announcer.move([*range(start, end), ADAPTER_BLOCK], adapters=adapters)
             span = await worker.run(
                 BlockSpan.from_weights, source.config, source.weight_files(), start, end, dtype
             )
@@ -194,10 +201,52 @@ async def _choose_blocks(
     wanted = min(settings.num_blocks or num_layers, num_layers)
     # a random pause lets peers started together see each other's JOINING records
     await asyncio.sleep(random.uniform(0, 1.0))
-    coverage = await asyncio.get_running_loop().run_in_executor(
-        None, get_coverage, dht, source.model_id, num_layers
-    )
+    coverage = await _live_coverage(dht, source)
     return choose_span(coverage, wanted, exclude_peer=dht.peer_id.to_base58())
+
+
+async def _live_coverage(dht: hivemind.DHT, source: ModelSource) -> CoverageMap:
+    """The coverage map without the records of peers that do not answer a ping (a peer that
+    was killed leaves records that still say ONLINE until they expire)."""
+    loop = asyncio.get_running_loop()
+    num_layers = source.config.num_hidden_layers
+    coverage = await loop.run_in_executor(None, get_coverage, dht, source.model_id, num_layers)
+    others = set(coverage.peers()) - {dht.peer_id.to_base58()}
+    answering = await loop.run_in_executor(None, answering_peers, dht, others)
+    return coverage.without(others - answering)
+
+
+async def _settle(
+    dht: hivemind.DHT, source: ModelSource, announcer: Announcer, start: int, end: int
+) -> tuple[int, int]:
+    """Re-check the choice after announcing JOINING, until it holds for SETTLE_ROUNDS checks
+    in a row (at most MAX_SETTLE_CHECKS), so that peers that chose at the same moment spread.
+
+    Each check comes after a random pause and chooses again, counting every peer except the
+    JOINING ones with a larger peer id: of two peers joining on the same blocks, the smaller
+    id stays and the other moves, so they cannot both move and collide again.
+    """
+    me = dht.peer_id.to_base58()
+    held = 0
+    for _ in range(MAX_SETTLE_CHECKS):
+        await asyncio.sleep(random.uniform(0.5, 1.5))
+        coverage = await _live_coverage(dht, source)
+        yielding = {
+            peer_id
+            for peer_id, record in coverage.peers().items()
+            if record.state == PeerState.JOINING and peer_id > me
+        }
+        choice = choose_span(coverage.without(yielding), end - start, exclude_peer=me)
+        if choice == (start, end):
+            held += 1
+            if held == SETTLE_ROUNDS:
+                break
+            continue
+        logger.info("blocks [%d, %d) taken meanwhile: moving to [%d, %d)", start, end, *choice)
+        held = 0
+        start, end = choice
+        announcer.move(range(start, end), start=start, end=end)
+    return start, end
 
 
 async def _maintain(
