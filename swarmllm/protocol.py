@@ -486,7 +486,7 @@ class InfoReply:
     dtype: str
     device: str
     quant: str
-    throughput: float
+    decode_steps_per_s: float
     state: str
     public_name: str
     adapters: tuple[str, ...]
@@ -513,7 +513,7 @@ class InfoReply:
             dtype=_str(meta, "dtype"),
             device=_str(meta, "device"),
             quant=_str(meta, "quant"),
-            throughput=_float(meta, "throughput"),
+            decode_steps_per_s=_float(meta, "decode_steps_per_s"),
             state=_str(meta, "state"),
             public_name=_str(meta, "public_name", empty=True),
             adapters=_str_list(meta, "adapters"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from model_factory import TINY_CONFIGS
 from swarmllm.blocks.kv_cache import KVCache
 from swarmllm.blocks.local_chain import LocalChain
 from swarmllm.blocks.span import BlockSpan
-from swarmllm.peer.batching import BatchingWorker, Computed
+from swarmllm.peer.batching import MAX_AUTO_WINDOW, BatchingWorker, Computed
 
 NUM_BLOCKS = 6
 
@@ -154,9 +155,8 @@ def prefilled(span: BlockSpan, length: int) -> KVCache:
     return cache
 
 
-@pytest.mark.parametrize("window", [30.0, None])  # None: as long as the last decode pass
-def test_a_lone_session_does_not_wait_for_the_window(llama_span, window):
-    worker = BatchingWorker(window=window)
+def test_a_lone_session_does_not_wait_for_the_window(llama_span):
+    worker = BatchingWorker(window=30.0)
     cache = prefilled(llama_span, 4)
     x = torch.randn(1, 1, llama_span.config.hidden_size)
 
@@ -168,6 +168,40 @@ def test_a_lone_session_does_not_wait_for_the_window(llama_span, window):
     finally:
         worker.shutdown()
     assert all(c.batch == 1 and c.queued < 5.0 for c in computed)
+
+
+def test_the_automatic_window_waits_one_decode_pass_for_a_quiet_session(llama_span, monkeypatch):
+    """With ``window=None`` a step waits for an active session that has not sent its step
+    yet, but only as long as the span's last decode pass took (at most MAX_AUTO_WINDOW): it
+    neither runs at once nor waits out the (here 30 s) active period."""
+    decode_batch = llama_span.decode_batch
+
+    def slow_decode_batch(*args):  # a pass longer than the cap, so the cap is the window
+        time.sleep(2 * MAX_AUTO_WINDOW)
+        return decode_batch(*args)
+
+    monkeypatch.setattr(llama_span, "decode_batch", slow_decode_batch)
+    worker = BatchingWorker(window=None, active_period=30.0)
+    stepping, quiet = prefilled(llama_span, 3), prefilled(llama_span, 5)
+    x = torch.randn(1, 1, llama_span.config.hidden_size)
+
+    async def run() -> tuple[list[Computed], Computed]:
+        together = await asyncio.gather(
+            worker.forward(llama_span, x, stepping, None),
+            worker.forward(llama_span, x, quiet, None),
+        )
+        alone = await worker.forward(llama_span, x, stepping, None)  # ``quiet`` stays active
+        return together, alone
+
+    try:
+        together, alone = asyncio.run(asyncio.wait_for(run(), timeout=20))
+    finally:
+        worker.shutdown()
+    assert [c.batch for c in together] == [2, 2]
+    assert alone.batch == 1
+    assert together[0].seconds >= 2 * MAX_AUTO_WINDOW
+    assert alone.queued >= 0.9 * MAX_AUTO_WINDOW  # it waited for ``quiet``
+    assert alone.queued < 10.0  # and not for the active period
 
 
 def test_active_sessions_arriving_apart_are_batched_whole(llama_span):

@@ -15,7 +15,7 @@ def record(
         state=state,
         start=start,
         end=end,
-        throughput=throughput,
+        decode_steps_per_s=throughput,
         cache_tokens_left=1000,
         version="0.1.0",
         dtype="float32",

@@ -13,6 +13,7 @@ from hivemind.utils import get_dht_time
 
 from swarmllm.dht.announce import AnnounceError, Announcer, announce
 from swarmllm.dht.coverage import get_coverage
+from swarmllm.dht.ping import answering_peers
 from swarmllm.dht.records import (
     MAX_PEER_RECORD_BYTES,
     CoverageMap,
@@ -28,7 +29,7 @@ def record(start: int, end: int, state: PeerState = PeerState.ONLINE) -> PeerRec
         state=state,
         start=start,
         end=end,
-        throughput=12.5,
+        decode_steps_per_s=12.5,
         cache_tokens_left=4096,
         version="0.1.0",
         dtype="float32",
@@ -193,7 +194,7 @@ def _fields(**changes: object) -> dict[str, object]:
         "state": 2,
         "start": 0,
         "end": 1,
-        "throughput": 1.0,
+        "decode_steps_per_s": 1.0,
         "cache_tokens_left": 1,
         "version": "0.1.0",
         "dtype": "float32",
@@ -214,10 +215,46 @@ def test_a_record_decodes_within_limits(hostile: dict[str, object]):
     with pytest.raises(ValueError, match="malformed peer record"):
         PeerRecord.from_bytes(msgpack.packb(hostile))
     assert PeerRecord.from_bytes(msgpack.packb(_fields())) == replace(
-        record(0, 1), throughput=1.0, cache_tokens_left=1
+        record(0, 1), decode_steps_per_s=1.0, cache_tokens_left=1
     )
 
 
 def test_a_record_too_long_to_announce_fails_where_it_is_made():
     with pytest.raises(ValueError, match="shorten the public name"):
         replace(record(0, 1), public_name="x" * MAX_PEER_RECORD_BYTES)
+
+
+def test_a_moved_announcer_leaves_no_usable_record_behind(swarm: Swarm):
+    first = swarm.peers[0]
+    first_id = swarm.peer_ids[0]
+
+    def read() -> CoverageMap:
+        return get_coverage(swarm.reader, "moving-model", 4)
+
+    announcer = Announcer(
+        first, "moving-model", [0, 1], record(0, 2, PeerState.JOINING), refresh_period=1.0, ttl=3.0
+    )
+    announcer.start()
+    try:
+        wait_until(read, lambda c: first_id in c.blocks[0])
+        announcer.move([2, 3], start=2, end=4)
+        coverage = wait_until(read, lambda c: first_id in c.blocks[2] and not c.blocks[0])
+        assert [set(block) for block in coverage.blocks] == [set(), set(), {first_id}, {first_id}]
+        assert coverage.blocks[3][first_id] == record(2, 4, PeerState.JOINING)
+    finally:
+        announcer.stop()
+
+
+def test_a_record_under_a_block_outside_its_span_is_skipped(swarm: Swarm):
+    announce(swarm.peers[0], "misfiled-model", [0, 1], record(1, 2), get_dht_time() + 30)
+    coverage = get_coverage(swarm.reader, "misfiled-model", 2)
+    assert coverage.blocks == [{}, {swarm.peer_ids[0]: record(1, 2)}]
+    assert coverage.without({swarm.peer_ids[0]}).blocks == [{}, {}]
+
+
+def test_only_peers_that_answer_a_ping_are_reported(swarm: Swarm):
+    gone = loopback_dht(initial_peers=[str(m) for m in swarm.reader.get_visible_maddrs()])
+    gone_id = gone.peer_id.to_base58()
+    gone.shutdown()
+    assert answering_peers(swarm.reader, [*swarm.peer_ids, gone_id]) == set(swarm.peer_ids)
+    assert answering_peers(swarm.reader, []) == set()

@@ -13,13 +13,17 @@ from collections.abc import Iterator
 import pytest
 import torch
 from cli_runner import run_cli
+from hivemind.utils import get_dht_time
 
 from swarmllm.blocks.sources import ModelSource
 from swarmllm.blocks.span import BlockSpan
 from swarmllm.client.connection import SwarmConnection
 from swarmllm.client.hop import HopFailure, HopStream, SessionSpec, remote_forward
 from swarmllm.client.routing import Hop
-from swarmllm.dht.records import PeerState
+from swarmllm.dht.announce import announce
+from swarmllm.dht.node import swarm_dht
+from swarmllm.dht.records import PeerRecord, PeerState
+from swarmllm.security.identity import load_or_create_identity, peer_id_of
 from swarmllm.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
@@ -54,7 +58,7 @@ def test_coverage_shows_every_block_online_with_the_right_spans(swarm, connectio
         assert record.state == PeerState.ONLINE
         assert spans[peer_id] == (record.start, record.end)
         assert record.start <= block < record.end
-        assert record.throughput > 0
+        assert record.decode_steps_per_s > 0
 
 
 def _local_span(llama: ModelSource, start: int, end: int) -> BlockSpan:
@@ -152,6 +156,35 @@ def test_automatic_block_selection_covers_the_model(llama, tmp_path):
             coverage = conn.coverage(llama.model_id, num_blocks)
         assert coverage.fully_covered, coverage.uncovered_ranges()
         spans = sorted((r.start, r.end) for r in coverage.peers().values())
+        assert spans == [(0, 2), (2, 4), (4, 6)]
+
+
+def test_peers_started_together_spread_and_ignore_a_dead_peers_record(llama, tmp_path):
+    """Three ``--num-blocks`` peers started at once, while a killed peer's record still says
+    ONLINE for blocks 0-1: they must not trust it, nor pick the same blocks as each other."""
+    num_blocks = llama.config.num_hidden_layers
+    with LocalSwarm(0, source=llama, workdir=tmp_path, peer_args=REFRESH) as swarm:
+        ghost_key = tmp_path / "ghost.key"
+        ghost = swarm_dht(
+            ghost_key,
+            load_or_create_identity(ghost_key),
+            initial_peers=swarm.initial_peers,
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+            start=True,
+        )
+        try:
+            dead = PeerRecord(PeerState.ONLINE, 0, 2, 100.0, 4096, "0.1.0", "float32")
+            announce(ghost, llama.model_id, [0, 1], dead, get_dht_time() + 600)
+        finally:
+            ghost.shutdown()
+        for i in range(3):
+            swarm.start_peer(f"together{i}", blocks=None, extra_args=["--num-blocks", "2"])
+        swarm.wait_until_ready(timeout=240)
+        with SwarmConnection(swarm.initial_peers) as conn:
+            coverage = conn.coverage(llama.model_id, num_blocks)
+        records = coverage.peers()
+        assert peer_id_of(load_or_create_identity(ghost_key)) in records  # still announced
+        spans = sorted((records[p.peer_id].start, records[p.peer_id].end) for p in swarm.peers)
         assert spans == [(0, 2), (2, 4), (4, 6)]
 
 
@@ -266,7 +299,7 @@ def test_status_reports_every_peer_and_full_coverage(swarm, llama):
         row = rows[peer.peer_id]
         assert tuple(row["blocks"]) == peer.blocks
         assert row["state"] == "ONLINE" and row["ping_ms"] is not None
-        assert row["throughput"] > 0 and row["cache_tokens_left"] > 0
+        assert row["decode_steps_per_s"] > 0 and row["cache_tokens_left"] > 0
         assert row["adapters"] == []  # a text-only model
 
     table = status()

@@ -61,7 +61,9 @@ def test_every_message_round_trips() -> None:
     reply = decode_reply(Reply(4, 2, b"s" * 64, output, timing).encode(), Reply)
     assert reply.signature == b"s" * 64 and dict(reply.timing) == timing
     assert torch.equal(reply.output, output)
-    info = InfoReply("tiny", 0, 6, "0.1", "2", "float32", 3.0, "ONLINE", "", ("a",), 10, 16, 99)
+    info = InfoReply(
+        "tiny", 0, 6, "0.1", "2", "float32", "cpu", "none", 3.0, "ONLINE", "", ("a",), 10, 1, 16, 99
+    )
     assert decode_reply(info.encode(), InfoReply) == info
     assert _meta(Info().encode())["protocol"] == list(PROTOCOL_VERSION)
 

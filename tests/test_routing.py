@@ -27,7 +27,7 @@ def record(
         state=state,
         start=start,
         end=end,
-        throughput=throughput,
+        decode_steps_per_s=throughput,
         cache_tokens_left=cache,
         version="test",
         dtype="float32",
@@ -49,7 +49,7 @@ def route_cost(route: list[Hop], peers: dict[str, PeerRecord], rtt: dict[str, fl
     for hop in route:
         rec = peers[hop.peer_id]
         total += rtt.get(hop.peer_id, RTT)
-        total += (hop.end - hop.start) / (rec.end - rec.start) / rec.throughput
+        total += (hop.end - hop.start) / (rec.end - rec.start) / rec.decode_steps_per_s
     return total
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarmllm.client.verification import TOLERANCES, outliers, relative_error
+from swarmllm.blocks.sources import ModelSource
+from swarmllm.blocks.span import BlockSpan
+from swarmllm.client.verification import TOLERANCES, outliers, relative_error, tolerance_for
+from swarmllm.dht.records import PeerRecord, PeerState
 
 TOLERANCE = TOLERANCES["float32"]
 
@@ -46,5 +49,39 @@ def test_a_third_answer_settles_a_disagreement(right: torch.Tensor) -> None:
     assert outliers({"a": right, "b": right + 0.1, "c": right - 0.1}, TOLERANCE) == {"a", "b", "c"}
 
 
-def test_the_half_precision_tolerances_are_looser() -> None:
-    assert TOLERANCES["float32"] < TOLERANCES["float16"] < TOLERANCES["bfloat16"] < 1
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_tolerance_passes_honest_rounding_and_catches_tampering(
+    llama: ModelSource, dtype: torch.dtype
+) -> None:
+    """A spot-check compares a peer's cached decode steps with a verifier's stateless forward
+    over the whole sequence: they round differently, but must agree within the dtype's
+    tolerance, while the noise ``tampering_peer.py`` adds must not."""
+    span = BlockSpan.from_weights(llama.config, llama.weight_files(), 0, 2, dtype)
+    inputs = torch.randn(
+        1, 24, llama.config.hidden_size, generator=torch.Generator().manual_seed(3)
+    )
+    inputs = inputs.to(dtype)
+    cache = span.new_cache()
+    cached = [span(inputs[:, :16], cache)]
+    cached += [span(inputs[:, t : t + 1], cache) for t in range(16, 24)]
+    stepped = torch.cat(cached, dim=1)
+    stateless = span(inputs)
+    tolerance = TOLERANCES[str(dtype).removeprefix("torch.")]
+    assert relative_error(stepped, stateless) <= tolerance
+    if dtype == torch.float32:
+        tampered = stepped + 0.05 * torch.randn(stepped.shape, generator=torch.Generator())
+        assert relative_error(tampered, stateless) > tolerance
+
+
+def test_the_coarsest_dtype_involved_sets_thetolerance_for(right: torch.Tensor) -> None:
+    def record(dtype: str) -> PeerRecord:
+        return PeerRecord(PeerState.ONLINE, 0, 1, 1.0, 1, "0.1.0", dtype)
+
+    f32 = {"a": record("float32"), "b": record("float32")}
+    mixed = {"a": record("float32"), "b": record("bfloat16")}
+    answers = {"a": right, "b": right}
+    assert tolerance_for(torch.float32, answers, f32) == TOLERANCES["float32"]
+    assert tolerance_for(torch.float16, answers, f32) == TOLERANCES["float16"]
+    assert tolerance_for(torch.float32, answers, mixed) == TOLERANCES["bfloat16"]
+    # a peer that did not answer does not loosen the comparison of those that did
+    assert tolerance_for(torch.float32, {"a": right}, mixed) == TOLERANCES["float32"]

@@ -36,7 +36,7 @@ async def swarm_status(model: DistributedModelForCausalLM) -> dict[str, Any]:
                 "state": record.state.name,
                 "reachable": bool(info),
                 "banned": peer_id in banned,
-                "throughput": round(record.throughput, 2),
+                "decode_steps_per_s": round(record.decode_steps_per_s, 2),
                 "cache_tokens_left": info.get("cache_tokens_left", record.cache_tokens_left),
                 "sessions": info.get("sessions"),
                 "device": info.get("device"),

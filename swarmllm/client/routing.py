@@ -221,7 +221,7 @@ def _cheapest(
 
 def _seconds_per_block(record: PeerRecord) -> float:
     """Compute time per block of the peer's span for one decode step."""
-    throughput = record.throughput
+    throughput = record.decode_steps_per_s
     if not throughput > _MIN_THROUGHPUT:  # also catches NaN
         throughput = _MIN_THROUGHPUT
     return 1.0 / ((record.end - record.start) * throughput)

@@ -54,7 +54,7 @@ def status(args: argparse.Namespace) -> int:
                 "name": record.public_name,
                 "blocks": [record.start, record.end],
                 "state": record.state.name if peer_id in connection.rtt else UNREACHABLE,
-                "throughput": round(record.throughput, 2),
+                "decode_steps_per_s": round(record.decode_steps_per_s, 2),
                 "cache_tokens_left": record.cache_tokens_left,
                 "adapters": list(record.adapters),
                 "device": record.device,
@@ -78,8 +78,8 @@ def status(args: argparse.Namespace) -> int:
         print(json.dumps({**report, "uncovered": uncovered, "fully_covered": not uncovered}))
         return code
     table = Table(title=f"{source.model_id}: {num_blocks} blocks")
-    columns = ("blocks", "peer", "state", "device", "precision", "steps/s", "cache left", "ping")
-    for column in (*columns, "adapters"):
+    columns = ("blocks", "peer", "state", "device", "precision", "decode steps/s", "cache left")
+    for column in (*columns, "ping", "adapters"):
         table.add_column(column)
     for row in rows:
         ping = f"{row['ping_ms']:.1f} ms" if row["ping_ms"] is not None else "unreachable"
@@ -89,7 +89,7 @@ def status(args: argparse.Namespace) -> int:
             row["state"],
             row["device"],
             row["dtype"] if row["quant"] == "none" else f"{row['quant']} ({row['dtype']})",
-            f"{row['throughput']:.1f}",
+            f"{row['decode_steps_per_s']:.1f}",
             str(row["cache_tokens_left"]),
             ping,
             ", ".join(row["adapters"]),

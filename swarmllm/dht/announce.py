@@ -131,6 +131,7 @@ class Announcer:
         self.store_timeout = store_timeout
         self.peer_id = dht.peer_id.to_base58()
         self._record = record
+        self._dropped: list[int | str] = []  # blocks left by move(), to be marked OFFLINE once
         self._last_expiration = float("-inf")
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -152,6 +153,21 @@ class Announcer:
             if self._stopped.is_set():
                 raise RuntimeError("Announcer.update() after stop()")
             self._record = dataclasses.replace(self._record, **changes)
+        self._wake.set()
+
+    def move(self, blocks: Sequence[int | str], **changes: Any) -> None:
+        """Announce under ``blocks`` from now on (with record ``changes``, e.g. a new span);
+        blocks left behind get one OFFLINE record, so nobody counts on them any longer."""
+        if not blocks:
+            raise ValueError("Announcer.move needs at least one block")
+        with self._lock:
+            if self._stopped.is_set():
+                raise RuntimeError("Announcer.move() after stop()")
+            self._record = dataclasses.replace(self._record, **changes)
+            left = [block for block in self.blocks if block not in blocks]
+            self._dropped += [block for block in left if block not in self._dropped]
+            self._dropped = [block for block in self._dropped if block not in blocks]
+            self.blocks = list(blocks)
         self._wake.set()
 
     def stop(self, final_state: PeerState = PeerState.OFFLINE) -> None:
@@ -178,25 +194,30 @@ class Announcer:
         with self._lock:
             if self._stopped.is_set() and not final:
                 return  # stop() is about to announce the final record
-            record = self._record
+            record, blocks, dropped = self._record, list(self.blocks), self._dropped
+            self._dropped = []
             # strictly later than any earlier announcement, or the DHT would keep the older one
             expiration = max(get_dht_time() + ttl, self._last_expiration + 1e-3)
             self._last_expiration = expiration
-        try:
-            _store(
-                self.dht,
-                self.peer_id,
-                self.model_id,
-                self.blocks,
-                record,
-                expiration,
-                self.store_timeout,
-            )
-        except Exception as e:
-            logger.warning(
-                "announcing %s blocks %s as %s failed: %s",
-                self.model_id,
-                self.blocks,
-                record.state.name,
-                e,
-            )
+        announcements = [(blocks, record)]
+        if dropped:
+            announcements.append((dropped, dataclasses.replace(record, state=PeerState.OFFLINE)))
+        for keys, announced in announcements:
+            try:
+                _store(
+                    self.dht,
+                    self.peer_id,
+                    self.model_id,
+                    keys,
+                    announced,
+                    expiration,
+                    self.store_timeout,
+                )
+            except Exception as e:
+                logger.warning(
+                    "announcing %s blocks %s as %s failed: %s",
+                    self.model_id,
+                    keys,
+                    announced.state.name,
+                    e,
+                )

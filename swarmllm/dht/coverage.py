@@ -30,7 +30,9 @@ def get_coverage(
 ) -> CoverageMap:
     """Look up blocks ``0..num_blocks-1`` and the named ``extra_blocks`` of ``model_id`` at once.
 
-    Malformed and expired records are skipped; a block nobody announced maps to ``{}``.
+    Malformed and expired records are skipped, and so is a record under a numbered block
+    outside the span it names (a peer that moved leaves such records behind); a block nobody
+    announced maps to ``{}``.
     Raises TimeoutError if the lookup does not finish within ``timeout`` seconds.
     """
     keys = [block_key(model_id, block) for block in range(num_blocks)]
@@ -43,10 +45,18 @@ def get_coverage(
         )
     now = get_dht_time()
     parsed = {key: _parse(key, found[key], now) for key in keys}
+    blocks = [
+        {
+            peer_id: record
+            for peer_id, record in parsed[block_key(model_id, block)].items()
+            if record.start <= block < record.end
+        }
+        for block in range(num_blocks)
+    ]
     return CoverageMap(
         model_id=model_id,
         num_blocks=num_blocks,
-        blocks=[parsed[block_key(model_id, block)] for block in range(num_blocks)],
+        blocks=blocks,
         extra={name: parsed[block_key(model_id, name)] for name in extra_blocks},
     )
 

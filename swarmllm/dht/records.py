@@ -17,7 +17,7 @@ import msgpack
 from swarmllm.security.record_validator import MAX_RECORD_BYTES
 from swarmllm.security.signing import SIGNATURE_BYTES
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: ``throughput`` became ``decode_steps_per_s``
 # room left for hivemind's msgpack framing of the value (a bin header of at most 5 bytes)
 MAX_PEER_RECORD_BYTES = MAX_RECORD_BYTES - SIGNATURE_BYTES - 5
 # decode limits: a record's longest string is its public name; its one list, the adapters
@@ -49,7 +49,9 @@ class PeerRecord:
     state: PeerState
     start: int
     end: int
-    throughput: float  # tokens/s this peer processes through its whole span (decode steps)
+    # single-token decode steps of one sequence per second through the whole span
+    # (measured as swarmllm.peer.throughput says)
+    decode_steps_per_s: float
     cache_tokens_left: int
     version: str
     dtype: str
@@ -75,7 +77,7 @@ class PeerRecord:
                 "state": int(self.state),
                 "start": self.start,
                 "end": self.end,
-                "throughput": float(self.throughput),
+                "decode_steps_per_s": float(self.decode_steps_per_s),
                 "cache_tokens_left": int(self.cache_tokens_left),
                 "version": self.version,
                 "dtype": self.dtype,
@@ -104,7 +106,7 @@ class PeerRecord:
                 state=PeerState(int(data["state"])),
                 start=int(data["start"]),
                 end=int(data["end"]),
-                throughput=float(data["throughput"]),
+                decode_steps_per_s=float(data["decode_steps_per_s"]),
                 cache_tokens_left=int(data["cache_tokens_left"]),
                 version=str(data["version"]),
                 dtype=str(data["dtype"]),
@@ -154,6 +156,18 @@ class CoverageMap:
         for per_block in self.blocks:
             merged.update(per_block)
         return merged
+
+    def without(self, peer_ids: set[str]) -> CoverageMap:
+        """The same map with ``peer_ids``' records left out."""
+        return CoverageMap(
+            self.model_id,
+            self.num_blocks,
+            [{p: r for p, r in block.items() if p not in peer_ids} for block in self.blocks],
+            {
+                name: {p: r for p, r in block.items() if p not in peer_ids}
+                for name, block in self.extra.items()
+            },
+        )
 
     def online(self, block: int) -> dict[str, PeerRecord]:
         return {

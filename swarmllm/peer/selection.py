@@ -39,7 +39,7 @@ def choose_span(
         for peers in coverage.blocks
     ]
     uncovered = [not records for records in serving]
-    throughput = [sum(record.throughput for record in records) for records in serving]
+    throughput = [sum(record.decode_steps_per_s for record in records) for records in serving]
     best_start = min(
         range(coverage.num_blocks - num_blocks + 1),
         key=lambda start: (

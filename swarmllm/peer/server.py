@@ -24,13 +24,14 @@ from swarmllm.blocks.vision import ADAPTER_BLOCK
 from swarmllm.dht.announce import Announcer
 from swarmllm.dht.coverage import get_coverage
 from swarmllm.dht.node import swarm_dht
-from swarmllm.dht.records import PeerRecord, PeerState
+from swarmllm.dht.ping import answering_peers
+from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState
 from swarmllm.peer.batching import BatchingWorker
 from swarmllm.peer.selection import choose_span
 from swarmllm.peer.servicer import PeerIdentity, PeerServicer
 from swarmllm.peer.sessions import SessionRegistry
 from swarmllm.peer.sizing import BlockBudget, block_budget
-from swarmllm.peer.throughput import cached_throughput
+from swarmllm.peer.throughput import cached_decode_rate
 from swarmllm.protocol import SERVICER_NAMESPACE
 from swarmllm.security.identity import load_or_create_identity, peer_id_of
 from swarmllm.security.validation import RequestLimits
@@ -38,6 +39,8 @@ from swarmllm.security.validation import RequestLimits
 logger = logging.getLogger("swarmllm.peer")
 
 MAINTENANCE_PERIOD = 2.0
+SETTLE_ROUNDS = 2  # checks in a row that must keep a new peer's choice of blocks
+MAX_SETTLE_CHECKS = 8
 
 
 @dataclass
@@ -131,8 +134,31 @@ async def _serve(
             for maddr in dht.get_visible_maddrs():
                 print(f"swarmllm peer address: {maddr}", flush=True)
             start, end = await _choose_blocks(settings, dht, source, budget.fits)
-            num_layers = source.config.num_hidden_layers
-            print(budget.describe(end - start, num_layers), flush=True)
+            # JOINING goes out before anything slow, so that peers starting now see this one
+            record = PeerRecord(
+                state=PeerState.JOINING,
+                start=start,
+                end=end,
+                decode_steps_per_s=0.0,
+                cache_tokens_left=settings.cache_tokens,
+                version=swarmllm.__version__,
+                dtype=placement.dtype_name,
+                public_name=settings.public_name,
+                device=placement.device.type,
+                quant=placement.quant,
+            )
+            announcer = Announcer(
+                dht,
+                source.model_id,
+                range(start, end),
+                record,
+                refresh_period=settings.refresh_period,
+                ttl=3 * settings.refresh_period,
+            )
+            announcer.start()
+            if settings.blocks is None:
+                start, end = await _settle(dht, source, announcer, start, end)
+            print(budget.describe(end - start, source.config.num_hidden_layers), flush=True)
             adapter = None
             if settings.adapter and start == 0:  # images enter with block 0, in the first hop
                 # imported here: a peer without block 0 never loads the vision models' code
@@ -140,28 +166,8 @@ async def _serve(
 
                 adapter = await worker.run(load_adapter, source)
             adapters = (adapter.name,) if adapter is not None else ()
-            record = PeerRecord(
-                state=PeerState.JOINING,
-                start=start,
-                end=end,
-                throughput=0.0,
-                cache_tokens_left=settings.cache_tokens,
-                version=swarmllm.__version__,
-                dtype=placement.dtype_name,
-                public_name=settings.public_name,
-                adapters=adapters,
-                device=placement.device.type,
-                quant=placement.quant,
-            )
-            announcer = Announcer(
-                dht,
-                source.model_id,
-                [*range(start, end), *([ADAPTER_BLOCK] if adapter is not None else [])],
-                record,
-                refresh_period=settings.refresh_period,
-                ttl=3 * settings.refresh_period,
-            )
-            announcer.start()
+            if adapter is not None:
+                announcer.move([*range(start, end), ADAPTER_BLOCK], adapters=adapters)
             span = await worker.run(
                 functools.partial(
                     BlockSpan.from_weights,
@@ -172,8 +178,12 @@ async def _serve(
                     placement=placement,
                 )
             )
-            throughput = await worker.run(
-                cached_throughput, span, source.model_id, cache_root() / "throughput.json"
+            decode_rate = await worker.run(
+                cached_decode_rate,
+                span,
+                source.model_id,
+                settings.decode_threads,
+                cache_root() / "throughput.json",
             )
             limits = dataclasses.replace(
                 settings.limits, session_idle_timeout=settings.session_timeout
@@ -193,7 +203,7 @@ async def _serve(
                 "dtype": placement.dtype_name,
                 "device": str(placement.device),
                 "quant": placement.quant,
-                "throughput": throughput,
+                "decode_steps_per_s": decode_rate,
                 "state": "ONLINE",
                 "public_name": settings.public_name,
                 "adapters": list(adapters),
@@ -210,10 +220,10 @@ async def _serve(
             )
             p2p = await dht.replicate_p2p()
             await servicer.add_p2p_handlers(p2p, namespace=SERVICER_NAMESPACE)
-            announcer.update(state=PeerState.ONLINE, throughput=throughput)
+            announcer.update(state=PeerState.ONLINE, decode_steps_per_s=decode_rate)
             print(
                 f"swarmllm peer ONLINE: blocks [{start}, {end}) of {source.model_id} "
-                f"as {peer_id} ({throughput:.1f} steps/s, {placement.describe()})"
+                f"as {peer_id} ({decode_rate:.1f} decode steps/s, {placement.describe()})"
                 + (f", with the {adapter.name} adapter" if adapter is not None else ""),
                 flush=True,
             )
@@ -238,10 +248,52 @@ async def _choose_blocks(
     wanted = min(settings.num_blocks or fits, num_layers)
     # a random pause lets peers started together see each other's JOINING records
     await asyncio.sleep(random.uniform(0, 1.0))
-    coverage = await asyncio.get_running_loop().run_in_executor(
-        None, get_coverage, dht, source.model_id, num_layers
-    )
+    coverage = await _live_coverage(dht, source)
     return choose_span(coverage, wanted, exclude_peer=dht.peer_id.to_base58())
+
+
+async def _live_coverage(dht: hivemind.DHT, source: ModelSource) -> CoverageMap:
+    """The coverage map without the records of peers that do not answer a ping (a peer that
+    was killed leaves records that still say ONLINE until they expire)."""
+    loop = asyncio.get_running_loop()
+    num_layers = source.config.num_hidden_layers
+    coverage = await loop.run_in_executor(None, get_coverage, dht, source.model_id, num_layers)
+    others = set(coverage.peers()) - {dht.peer_id.to_base58()}
+    answering = await loop.run_in_executor(None, answering_peers, dht, others)
+    return coverage.without(others - answering)
+
+
+async def _settle(
+    dht: hivemind.DHT, source: ModelSource, announcer: Announcer, start: int, end: int
+) -> tuple[int, int]:
+    """Re-check the choice after announcing JOINING, until it holds for SETTLE_ROUNDS checks
+    in a row (at most MAX_SETTLE_CHECKS), so that peers that chose at the same moment spread.
+
+    Each check comes after a random pause and chooses again, counting every peer except the
+    JOINING ones with a larger peer id: of two peers joining on the same blocks, the smaller
+    id stays and the other moves, so they cannot both move and collide again.
+    """
+    me = dht.peer_id.to_base58()
+    held = 0
+    for _ in range(MAX_SETTLE_CHECKS):
+        await asyncio.sleep(random.uniform(0.5, 1.5))
+        coverage = await _live_coverage(dht, source)
+        yielding = {
+            peer_id
+            for peer_id, record in coverage.peers().items()
+            if record.state == PeerState.JOINING and peer_id > me
+        }
+        choice = choose_span(coverage.without(yielding), end - start, exclude_peer=me)
+        if choice == (start, end):
+            held += 1
+            if held == SETTLE_ROUNDS:
+                break
+            continue
+        logger.info("blocks [%d, %d) taken meanwhile: moving to [%d, %d)", start, end, *choice)
+        held = 0
+        start, end = choice
+        announcer.move(range(start, end), start=start, end=end)
+    return start, end
 
 
 async def _maintain(stop: asyncio.Event, registry: SessionRegistry, announcer: Announcer) -> None:

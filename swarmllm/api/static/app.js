@@ -69,7 +69,7 @@ function renderStatus(s) {
       span,
       state_,
       el("td", {}, device),
-      el("td", {}, p.throughput.toFixed(1)),
+      el("td", {}, p.decode_steps_per_s.toFixed(1)),
       el("td", {}, p.ping_ms == null ? "–" : `${p.ping_ms.toFixed(1)} ms`),
       el("td", {}, String(p.cache_tokens_left)),
       el("td", {}, p.sessions == null ? "–" : String(p.sessions)),
