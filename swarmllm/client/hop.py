@@ -58,9 +58,10 @@ class HopFailure(RuntimeError):
     """A hop could not serve a step; ``fault`` is False for a healthy peer (busy, or refusing
     what the client itself got wrong)."""
 
-    def __init__(self, hop: Hop, reason: str, *, fault: bool = True):
+    def __init__(self, hop: Hop, reason: str, *, fault: bool = True, code: str | None = None):
         super().__init__(f"peer {hop.peer_id} (blocks {hop.start}-{hop.end - 1}): {reason}")
         self.hop, self.reason, self.fault = hop, reason, fault
+        self.code = code  # the peer's error code, for an error reply
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,8 @@ async def read_reply(
         fault = e.code not in NOT_A_FAULT
         if not fault:
             logger.warning("peer %s refused (%s): %s", hop.peer_id, e.code, e.reason)
-        raise HopFailure(hop, f"error reply ({e.code}): {e.reason}", fault=fault) from e
+        reason = f"error reply ({e.code}): {e.reason}"
+        raise HopFailure(hop, reason, fault=fault, code=e.code) from e
     except MalformedMessage as e:
         raise HopFailure(hop, f"malformed reply: {e}") from e
 
