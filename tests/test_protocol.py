@@ -195,3 +195,7 @@ def test_chunks_never_split_an_image() -> None:
     assert _stream_with_limits(16)._chunks(hidden, 0, images) == [(0, 12), (12, 28), (28, 40)]
     with pytest.raises(ValueError, match="an image of 6 tokens does not fit"):
         _stream_with_limits(4)._chunks(hidden, 0, images)
+
+    with pytest.raises(ValueError, match="must lie in the step's tokens"):
+        outside = ImageInputs(images.features, images.positions + 40)
+        _stream_with_limits(16)._chunks(hidden, 0, outside)

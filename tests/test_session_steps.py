@@ -14,6 +14,7 @@ from swarmllm.client.bans import BanList
 from swarmllm.client.hop import HopFailure, SessionSpec
 from swarmllm.client.routing import Hop, NoRouteError
 from swarmllm.client.session import InferenceSession
+from swarmllm.protocol import ErrorCode
 
 WIDTH = 4
 
@@ -108,9 +109,13 @@ def test_only_the_faulty_peer_is_banned_and_a_refusal_bans_nobody(fakes) -> None
 
     async def scenario() -> None:
         await session.open()
+        # a0 ended the session the client let idle: opened again on a0 itself, nobody banned
+        expired = HopFailure(Hop("a0", 0, 1), "expired", fault=False, code=ErrorCode.EXPIRED)
+        fakes.failures["a0"] = [expired]
+        await session.step(torch.zeros(1, 1, WIDTH))
         # a1 refuses the request as the client's own fault (INVALID): avoided, not banned
         fakes.failures["a1"] = [HopFailure(Hop("a1", 1, 2), "invalid", fault=False)]
-        await session.step(torch.zeros(1, 2, WIDTH))
+        await session.step(torch.zeros(1, 2, WIDTH), 0)
         # b1 sends a bad output: banned itself, and nobody else
         fakes.failures["b1"] = [HopFailure(Hop("b1", 1, 2), "NaN")]
         await session.step(torch.zeros(1, 1, WIDTH))
@@ -118,3 +123,4 @@ def test_only_the_faulty_peer_is_banned_and_a_refusal_bans_nobody(fakes) -> None
     asyncio.run(scenario())
     assert router.bans.banned() == {"b1"}
     assert [hop.peer_id for hop in session.route] == ["a0", "c1"]
+    assert all(sent.shape[1] for sent in fakes.sent["b1"])  # no empty replay after the rewind

@@ -58,9 +58,10 @@ class HopFailure(RuntimeError):
     """A hop could not serve a step; ``fault`` is False for a healthy peer (busy, or refusing
     what the client itself got wrong)."""
 
-    def __init__(self, hop: Hop, reason: str, *, fault: bool = True):
+    def __init__(self, hop: Hop, reason: str, *, fault: bool = True, code: str | None = None):
         super().__init__(f"peer {hop.peer_id} (blocks {hop.start}-{hop.end - 1}): {reason}")
         self.hop, self.reason, self.fault = hop, reason, fault
+        self.code = code  # the peer's error code, for an error reply
 
 
 @dataclass(frozen=True)
@@ -138,9 +139,11 @@ class HopStream:
         verified output."""
         sent = time.perf_counter()
         outputs, replies, timings = [], [], []
-        for begin, end in self._chunks(hidden, position, images):
+        chunks = self._chunks(hidden, position, images)
+        for begin, end in chunks:
             chunk = hidden[:, begin - position : end - position]
-            reply, timing = await self._step_chunk(chunk, begin, _images_in(images, begin, end))
+            chunk_images = images if len(chunks) == 1 else _images_in(images, begin, end)
+            reply, timing = await self._step_chunk(chunk, begin, chunk_images)
             outputs.append(reply.output)
             replies.append(reply)
             timings.append(timing)
@@ -167,6 +170,10 @@ class HopStream:
             budget -= sum(t.numel() * t.element_size() for t in images.tensors())
         fit = max(1, budget // per_token)
         size = max(1, min(self.limits.max_tokens, fit))
+        if tokens <= size:
+            return [(position, position + tokens)]  # one message, images as they are
+        if images is not None:
+            _check_images_inside(images, position, position + tokens)
         chunks, begin, stop = [], position, position + tokens
         while begin < stop:
             end = min(begin + size, stop)
@@ -293,7 +300,8 @@ async def read_reply(
         fault = e.code not in NOT_A_FAULT
         if not fault:
             logger.warning("peer %s refused (%s): %s", hop.peer_id, e.code, e.reason)
-        raise HopFailure(hop, f"error reply ({e.code}): {e.reason}", fault=fault) from e
+        reason = f"error reply ({e.code}): {e.reason}"
+        raise HopFailure(hop, reason, fault=fault, code=e.code) from e
     except MalformedMessage as e:
         raise HopFailure(hop, f"malformed reply: {e}") from e
 
@@ -397,6 +405,16 @@ async def _single(request: runtime_pb2.ExpertRequest) -> AsyncIterator[runtime_p
 def _sent_tensors(hidden: torch.Tensor, images: ImageInputs | None) -> list[torch.Tensor]:
     """The tensors of a step's request, in order: what the peer's signature covers."""
     return [hidden, *(images.tensors() if images is not None else ())]
+
+
+def _check_images_inside(images: ImageInputs, begin: int, end: int) -> None:
+    """Images to cut across messages must be well-formed and lie inside the step's tokens (a
+    single message is sent as it is, and the peer checks it)."""
+    positions = images.positions
+    if positions.ndim != 2 or positions.shape[1] == 0 or positions.dtype != torch.int64:
+        raise ValueError(f"image positions must be int64 [images, tokens], got {positions.shape}")
+    if positions.min() < begin or positions.max() >= end:
+        raise ValueError(f"image positions must lie in the step's tokens [{begin}, {end})")
 
 
 def _images_in(images: ImageInputs | None, begin: int, end: int) -> ImageInputs | None:

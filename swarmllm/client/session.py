@@ -22,6 +22,7 @@ from swarmllm.client.profile import Profile, phase_of
 from swarmllm.client.router import Router
 from swarmllm.client.routing import Hop
 from swarmllm.client.verification import SpotChecker, VerificationEvidence
+from swarmllm.protocol import ErrorCode
 
 logger = logging.getLogger("swarmllm.client")
 
@@ -125,7 +126,7 @@ class InferenceSession:
         logger.warning("hop failed: %s", failure)
         if failure.fault:
             self.router.bans.ban(failure.hop.peer_id, failure.reason)
-        else:
+        elif failure.code != ErrorCode.EXPIRED:  # an expired session is simply opened again
             self._busy.add(failure.hop.peer_id)
 
     async def _fail_over(self, index: int) -> None:
@@ -181,8 +182,8 @@ class InferenceSession:
         if self.images is not None:  # raises, before any change, inside an image
             self.images = self.images.before(position)
         for index, chunks in enumerate(self.history):
-            if chunks:
-                self.history[index] = [torch.cat(chunks, dim=1)[:, :position]]
+            kept = torch.cat(chunks, dim=1)[:, :position] if chunks else None
+            self.history[index] = [kept] if kept is not None and kept.shape[1] else []
         self.position = position
 
 
