@@ -77,9 +77,7 @@ def main() -> None:
         return
     device = torch.device(args.device if args.device != "cuda" else "cuda:0")
     reference = Reference(source, device, args.prompts, args.new_tokens)
-    rows = [
-        {"config": "local transformers", "decode_tps": reference.local_tps, "rss_mib": None}
-    ]
+    rows = [{"config": "local transformers", "decode_tps": reference.local_tps, "rss_mib": None}]
     for config in args.configs.split(","):
         rows.append(measure_swarm(source, config, args.device, reference, args.new_tokens))
         print_table(rows, reference)
@@ -93,13 +91,12 @@ class Reference:
         tokenizer = source.load_tokenizer()
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
         model = model.to(device).eval()
+        model.generation_config.eos_token_id = None  # every answer runs to max_new_tokens
         self.prompts = [prompt_ids(tokenizer, p) for p in PROMPTS[:prompts]]
         self.answers, self.logits = [], []
         with torch.inference_mode():
             for ids in self.prompts:
-                out = model.generate(
-                    ids.to(device), max_new_tokens=new, do_sample=False, eos_token_id=[]
-                )
+                out = model.generate(ids.to(device), max_new_tokens=new, do_sample=False)
                 self.answers.append(out.cpu())
                 self.logits.append(model(out).logits.float().cpu())
         fast = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -113,7 +110,7 @@ class Reference:
 def _local_tps(model: Any, ids: torch.Tensor, new: int) -> float:
     clock = TokenClock()
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=[], streamer=clock)
+        model.generate(ids, max_new_tokens=new, do_sample=False, streamer=clock)
     return clock.decode_tokens_per_second
 
 

@@ -31,9 +31,8 @@ PROMPTS = [
 ]
 NEW_TOKENS = 64
 # Bounds for int8 (weight-only, CPU) peers against float32 transformers, from the measurement
-# in the README (108 of 320 greedy tokens equal, top-1 97.3%, max logit error 1.93), with some
-# margin: once greedy text takes another word, the positions after it rarely line up again,
-# so the teacher-forced top-1 agreement is the steadier measure.
+# in the README, with some margin: once greedy text takes another word, the positions after it
+# rarely line up again, so the teacher-forced top-1 agreement is the steadier measure.
 INT8_MIN_GREEDY_AGREEMENT = 0.25  # fraction of the 5 x 64 greedy tokens equal to float32's
 INT8_MAX_LOGIT_ERROR = 3.0  # max |logit - float32 logit| over the prompts + float32 answers
 INT8_MIN_TOP1_AGREEMENT = 0.95  # teacher-forced positions whose argmax equals float32's
@@ -64,6 +63,7 @@ def test_int8_peers_generate_like_float32_within_the_measured_bounds(int8_swarm,
     source = embedded_source
     tokenizer = source.load_tokenizer()
     reference = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    reference.generation_config.eos_token_id = None  # 64 tokens each, like eos_token_id=[] here
     int8_peers = [peer.peer_id for peer in int8_swarm.peers if peer.name != "float32-0"]
     same = total = top1 = positions = 0
     max_error = 0.0
@@ -72,9 +72,7 @@ def test_int8_peers_generate_like_float32_within_the_measured_bounds(int8_swarm,
         for prompt in PROMPTS:
             ids = prompt_ids(tokenizer, prompt)
             with torch.inference_mode():
-                expected = reference.generate(
-                    ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[]
-                )
+                expected = reference.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
                 expected_logits = reference(expected).logits
             got = model.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])
             new, expected_new = got[0, ids.shape[1] :], expected[0, ids.shape[1] :]
