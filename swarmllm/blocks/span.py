@@ -78,8 +78,6 @@ class BlockSpan(nn.Module):
         ``placement`` (default: ``dtype`` on the CPU) as soon as it is read, so the float
         weights of a quantized span are never all in memory at once."""
         placement = placement or Placement(CPU, dtype)
-        # quantizers take float weights; bitsandbytes and the CPU int8 path cast them again
-        read_dtype = placement.dtype
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(
                 f"span [{start}, {end}) is outside the model's {config.num_hidden_layers} blocks"
@@ -93,7 +91,7 @@ class BlockSpan(nn.Module):
             names = [name for name in weight_files if name.startswith(prefix)]
             state = {
                 name[len(prefix) :]: tensor
-                for name, tensor in read_tensors(weight_files, names, read_dtype).items()
+                for name, tensor in read_tensors(weight_files, names, placement.dtype).items()
             }
             with torch.device("meta"):
                 layer = layer_cls(config, layer_idx=index)
