@@ -160,11 +160,20 @@ class LocalSwarm:
         assert self.source is not None
         deadline = time.monotonic() + timeout
         with SwarmConnection(self.initial_peers) as connection:
+            ready = 0
             while True:
                 self._check_alive()
-                current = connection.coverage(
-                    self.source.model_id, self.source.config.num_hidden_layers
-                )
+                try:
+                    current = connection.coverage(
+                        self.source.model_id, self.source.config.num_hidden_layers
+                    )
+                except TimeoutError:  # a slow DHT read (a busy machine): not ready yet
+                    if time.monotonic() > deadline:
+                        raise SwarmStartError(
+                            f"only {ready} of {len(self.peers)} peers came online in "
+                            f"{timeout:.0f} s (the last DHT read timed out)"
+                        ) from None
+                    continue
                 online = {
                     peer_id
                     for peer_id, record in current.peers().items()

@@ -123,7 +123,10 @@ def test_a_port_in_use_is_refused_by_dht_and_peer(llama, tmp_path):
 
 @pytest.fixture(scope="module")
 def swarm(llama: ModelSource, tmp_path_factory) -> Iterator[tuple[LocalSwarm, list[set[str]]]]:
-    with LocalSwarm(2, source=llama, workdir=tmp_path_factory.mktemp("swarm")) as running:
+    # records live 3 refresh periods: long enough to outlast a peer killed during the tests
+    workdir = tmp_path_factory.mktemp("swarm")
+    refresh = ["--refresh-period", "100"]
+    with LocalSwarm(2, source=llama, workdir=workdir, peer_args=refresh) as running:
         progress: list[set[str]] = []
         running.wait_until_ready(timeout=180, on_progress=progress.append)
         yield running, progress
