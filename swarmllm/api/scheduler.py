@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("swarmllm.api")
 
-MAX_ACTIVE = 16  # requests stepped together; later ones wait for a place
+# Requests stepped together; later ones wait for a place. Peers hold at most
+# --max-sessions-per-peer (default 8) sessions of one client, and this server is one client.
+MAX_ACTIVE = 8
 ROUND_TIMEOUT = 600.0  # a round's steps have their own timeouts and failover; this bounds all
 IDLE_WAIT = 0.5  # seconds the idle scheduler sleeps between checks for new requests
 

@@ -27,9 +27,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 from swarmllm.api.errors import APIError, bad_request, install_handlers, unavailable
-from swarmllm.api.metrics import Metrics
+from swarmllm.api.metrics import CountRequests, Metrics
 from swarmllm.api.prompts import Prompt, chat_prompt, completion_prompt
-from swarmllm.api.scheduler import Delta, Event, Failed, Finished, Job, Scheduler
+from swarmllm.api.scheduler import MAX_ACTIVE, Delta, Event, Failed, Finished, Job, Scheduler
 from swarmllm.api.schemas import ChatCompletionRequest, CompletionRequest
 from swarmllm.api.swarm_view import coverage_problem, swarm_status
 from swarmllm.blocks.vision import ImageError
@@ -56,10 +56,14 @@ class ApiState:
     """What the endpoints share: the model, its scheduler, metrics and the accepted keys."""
 
     def __init__(
-        self, model: DistributedModelForCausalLM, api_keys: Sequence[str], metrics: Metrics
+        self,
+        model: DistributedModelForCausalLM,
+        api_keys: Sequence[str],
+        metrics: Metrics,
+        max_active: int = MAX_ACTIVE,
     ):
         self.model, self.api_keys, self.metrics = model, tuple(api_keys), metrics
-        self.scheduler = Scheduler(model, metrics)
+        self.scheduler = Scheduler(model, metrics, max_active)
         model.tokenizer  # noqa: B018 - loaded once here, not by two threads at first use
         self.names = {model.source.name, model.model_id}
         self.takes_images = _takes_images(model)
@@ -81,9 +85,14 @@ class ApiState:
             return {**self._status[1], "last_route": route, "takes_images": self.takes_images}
 
 
-def create_app(model: DistributedModelForCausalLM, api_keys: Sequence[str] = ()) -> FastAPI:
-    """The server in front of ``model``'s swarm; starts and stops its scheduler with the app."""
-    state = ApiState(model, api_keys, Metrics())
+def create_app(
+    model: DistributedModelForCausalLM,
+    api_keys: Sequence[str] = (),
+    max_active: int = MAX_ACTIVE,
+) -> FastAPI:
+    """The server in front of ``model``'s swarm; starts and stops its scheduler with the app.
+    ``max_active`` requests are generated together; later ones queue."""
+    state = ApiState(model, api_keys, Metrics(), max_active)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -98,13 +107,7 @@ def create_app(model: DistributedModelForCausalLM, api_keys: Sequence[str] = ())
     install_handlers(app)
     authorized = Depends(_key_check(state))
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=state.metrics)
 
     @app.get("/v1/models", dependencies=[authorized])
     async def list_models() -> dict[str, Any]:
@@ -155,6 +158,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_keys: Sequence[str] = (),
+    max_active: int = MAX_ACTIVE,
 ) -> None:
     """Serve until SIGINT or SIGTERM. uvicorn shuts down gracefully on either, then raises the
     signal again under the handler it found: for SIGTERM that must be a no-op, so that this
@@ -163,7 +167,8 @@ def serve(
 
     previous = signal.signal(signal.SIGTERM, _ignore)
     try:
-        uvicorn.run(create_app(model, api_keys), host=host, port=port, log_level="warning")
+        app = create_app(model, api_keys, max_active)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         signal.signal(signal.SIGTERM, previous)
 
