@@ -476,6 +476,27 @@ def test_a_chat_message_streams_its_answer_into_the_page(browser, server, refere
     page.close()
 
 
+def test_a_picture_from_the_picker_is_asked_about(browser, server, reference):
+    question = "What is in the picture?"
+    ids = reference.image_prompt(question)
+    expected = _text(reference, _greedy(reference, ids, 8, images=[load_image(EXAMPLE)]))
+    page = browser.new_page(viewport={"width": 1400, "height": 820})
+    page.goto(server)
+    page.wait_for_selector("#image-row:not([hidden])", timeout=30_000)
+    page.fill("#api-key", KEY)
+    page.fill("#max-tokens", "8")
+    page.set_input_files("#image-input", str(EXAMPLE))
+    page.wait_for_selector("#image-preview:not([hidden])")
+    page.fill("#prompt", question)
+    page.click("#send")
+    page.wait_for_selector(".message.assistant.done", timeout=60_000)
+    assert page.inner_text(".message.assistant") == expected
+    assert page.locator(".message.user img").count() == 1  # the picture shows with the question
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "api-page-image.png"))
+    page.close()
+
+
 # ---------------------------------------------------------------- the swarm failing
 
 
