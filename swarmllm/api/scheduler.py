@@ -155,6 +155,7 @@ class Scheduler:
     ):
         self.model, self.metrics, self.max_active = model, metrics, max_active
         self.last_route: list[HopReport] = []  # of the latest reply that finished
+        self.departures = 0  # requests that have left (finished, failed or cancelled)
         self._pending: queue.Queue[Job] = queue.Queue()
         self._active: list[_Generation] = []
         self._stopping = threading.Event()
@@ -228,6 +229,7 @@ class Scheduler:
                 generation.done = True
                 self.metrics.cancelled.inc()
             if generation.done:
+                self.departures += 1
                 if generation.opened:
                     self._close(generation.session)
             else:

@@ -67,7 +67,7 @@ class ApiState:
         model.tokenizer  # noqa: B018 - loaded once here, not by two threads at first use
         self.names = {model.source.name, model.model_id}
         self.takes_images = _takes_images(model)
-        self._status: tuple[float, dict[str, Any]] | None = None
+        self._status: tuple[float, int, dict[str, Any]] | None = None  # (at, departures, view)
         self._status_lock = asyncio.Lock()
 
     async def on_swarm(self, coro, timeout: float = SWARM_CALL_TIMEOUT) -> Any:
@@ -77,12 +77,19 @@ class ApiState:
 
     async def status(self) -> dict[str, Any]:
         """The swarm as the dashboard shows it; the last reply's route is always current."""
-        async with self._status_lock:  # many open pages share one swarm snapshot a second
-            if self._status is None or time.monotonic() - self._status[0] > STATUS_MAX_AGE:
+        # many open pages share one snapshot a second, unless a request has left since: its
+        # sessions are gone from the peers
+        async with self._status_lock:
+            departures = self.scheduler.departures
+            if (
+                self._status is None
+                or time.monotonic() - self._status[0] > STATUS_MAX_AGE
+                or self._status[1] != departures
+            ):
                 snapshot = await self.on_swarm(swarm_status(self.model))
-                self._status = (time.monotonic(), snapshot)
+                self._status = (time.monotonic(), departures, snapshot)
             route = [asdict(hop) for hop in self.scheduler.last_route]
-            return {**self._status[1], "last_route": route, "takes_images": self.takes_images}
+            return {**self._status[2], "last_route": route, "takes_images": self.takes_images}
 
 
 def create_app(
