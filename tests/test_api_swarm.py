@@ -248,6 +248,11 @@ def _error_body(response: httpx.Response) -> dict:
         ({"temperature": 3}, "temperature", "less than or equal to 2"),
         ({"n": 2}, "n", "only n=1"),
         ({"max_tokens": 100_000}, "max_tokens", "exceeds the model's context"),
+        (
+            {"messages": [{"role": "user", "content": "word " * 5000}]},
+            "messages",
+            "peers take at most 4096",
+        ),
         ({"messages": []}, "messages", "at least 1"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
         ({"logprobs": True}, "logprobs", "False"),

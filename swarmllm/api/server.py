@@ -37,9 +37,12 @@ from swarmllm.client.generation import GenerationConfig
 from swarmllm.client.model import DistributedModelForCausalLM
 from swarmllm.client.routing import NoRouteError
 from swarmllm.client.session import SessionFailedError
+from swarmllm.security.validation import RequestLimits
 
 logger = logging.getLogger("swarmllm.api")
 
+# what peers accept by default (their --max-tokens-per-message, --max-session-length)
+PEER_LIMITS = RequestLimits()
 DEFAULT_CHAT_MAX_TOKENS = 512  # when a chat request sets no limit (and the context has room)
 DISCONNECT_POLL = 0.25  # seconds between checks that a waiting client is still there
 SWARM_CALL_TIMEOUT = 30.0
@@ -222,12 +225,24 @@ def _settings(
     body: ChatCompletionRequest | CompletionRequest,
     prompt_len: int,
 ) -> GenerationConfig:
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    if prompt_len > PEER_LIMITS.max_tokens_per_message:
+        # peers refuse longer messages, and a client bans a peer that refuses it
+        raise bad_request(
+            f"the prompt has {prompt_len} tokens; peers take at most "
+            f"{PEER_LIMITS.max_tokens_per_message} in one message",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    context = min(
+        getattr(model.config, "max_position_embeddings", None) or PEER_LIMITS.max_session_length,
+        PEER_LIMITS.max_session_length,
+    )
     room = context - prompt_len
     if room < 1:
         raise bad_request(
             f"the prompt has {prompt_len} tokens; the model's context holds {context}",
-            param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            param=prompt_param,
             code="context_length_exceeded",
         )
     limit = body.token_limit
