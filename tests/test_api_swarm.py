@@ -224,12 +224,13 @@ def test_sampling_with_a_seed_repeats_and_differs_across_seeds(client):
             temperature=1.5,
             top_p=0.95,
             seed=seed,
-            max_tokens=12,
+            max_tokens=8,
         )
         return answer.choices[0].message.content
 
-    assert sample(1) == sample(1)
-    assert len({sample(1), sample(2), sample(3)}) > 1
+    first = sample(1)
+    assert sample(1) == first
+    assert len({first, sample(2), sample(3)}) > 1
 
 
 # ---------------------------------------------------------------- errors
@@ -247,6 +248,11 @@ def _error_body(response: httpx.Response) -> dict:
         ({"temperature": 3}, "temperature", "less than or equal to 2"),
         ({"n": 2}, "n", "only n=1"),
         ({"max_tokens": 100_000}, "max_tokens", "exceeds the model's context"),
+        (
+            {"messages": [{"role": "user", "content": "word " * 5000}]},
+            "messages",
+            "peers take at most 4096",
+        ),
         ({"messages": []}, "messages", "at least 1"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
         ({"logprobs": True}, "logprobs", "False"),
@@ -473,6 +479,27 @@ def test_a_chat_message_streams_its_answer_into_the_page(browser, server, refere
     assert page.locator("#peers tr.routed").count() == 3
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "api-page.png"))
+    page.close()
+
+
+def test_a_picture_from_the_picker_is_asked_about(browser, server, reference):
+    question = "What is in the picture?"
+    ids = reference.image_prompt(question)
+    expected = _text(reference, _greedy(reference, ids, 8, images=[load_image(EXAMPLE)]))
+    page = browser.new_page(viewport={"width": 1400, "height": 820})
+    page.goto(server)
+    page.wait_for_selector("#image-row:not([hidden])", timeout=30_000)
+    page.fill("#api-key", KEY)
+    page.fill("#max-tokens", "8")
+    page.set_input_files("#image-input", str(EXAMPLE))
+    page.wait_for_selector("#image-preview:not([hidden])")
+    page.fill("#prompt", question)
+    page.click("#send")
+    page.wait_for_selector(".message.assistant.done", timeout=60_000)
+    assert page.inner_text(".message.assistant") == expected
+    assert page.locator(".message.user img").count() == 1  # the picture shows with the question
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "api-page-image.png"))
     page.close()
 
 

@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("swarmllm.api")
 
-MAX_ACTIVE = 16  # requests stepped together; later ones wait for a place
+# Requests stepped together; later ones wait for a place. Peers hold at most
+# --max-sessions-per-peer (default 8) sessions of one client, and this server is one client.
+MAX_ACTIVE = 8
 ROUND_TIMEOUT = 600.0  # a round's steps have their own timeouts and failover; this bounds all
 IDLE_WAIT = 0.5  # seconds the idle scheduler sleeps between checks for new requests
 
@@ -153,6 +155,7 @@ class Scheduler:
     ):
         self.model, self.metrics, self.max_active = model, metrics, max_active
         self.last_route: list[HopReport] = []  # of the latest reply that finished
+        self.departures = 0  # requests that have left (finished, failed or cancelled)
         self._pending: queue.Queue[Job] = queue.Queue()
         self._active: list[_Generation] = []
         self._stopping = threading.Event()
@@ -226,6 +229,7 @@ class Scheduler:
                 generation.done = True
                 self.metrics.cancelled.inc()
             if generation.done:
+                self.departures += 1
                 if generation.opened:
                     self._close(generation.session)
             else:

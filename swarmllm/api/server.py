@@ -27,9 +27,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 from swarmllm.api.errors import APIError, bad_request, install_handlers, unavailable
-from swarmllm.api.metrics import Metrics
+from swarmllm.api.metrics import CountRequests, Metrics
 from swarmllm.api.prompts import Prompt, chat_prompt, completion_prompt
-from swarmllm.api.scheduler import Delta, Event, Failed, Finished, Job, Scheduler
+from swarmllm.api.scheduler import MAX_ACTIVE, Delta, Event, Failed, Finished, Job, Scheduler
 from swarmllm.api.schemas import ChatCompletionRequest, CompletionRequest
 from swarmllm.api.swarm_view import coverage_problem, swarm_status
 from swarmllm.blocks.vision import ImageError
@@ -37,9 +37,12 @@ from swarmllm.client.generation import GenerationConfig
 from swarmllm.client.model import DistributedModelForCausalLM
 from swarmllm.client.routing import NoRouteError
 from swarmllm.client.session import SessionFailedError
+from swarmllm.security.validation import RequestLimits
 
 logger = logging.getLogger("swarmllm.api")
 
+# what peers accept by default (their --max-tokens-per-message, --max-session-length)
+PEER_LIMITS = RequestLimits()
 DEFAULT_CHAT_MAX_TOKENS = 512  # when a chat request sets no limit (and the context has room)
 DISCONNECT_POLL = 0.25  # seconds between checks that a waiting client is still there
 SWARM_CALL_TIMEOUT = 30.0
@@ -56,14 +59,18 @@ class ApiState:
     """What the endpoints share: the model, its scheduler, metrics and the accepted keys."""
 
     def __init__(
-        self, model: DistributedModelForCausalLM, api_keys: Sequence[str], metrics: Metrics
+        self,
+        model: DistributedModelForCausalLM,
+        api_keys: Sequence[str],
+        metrics: Metrics,
+        max_active: int = MAX_ACTIVE,
     ):
         self.model, self.api_keys, self.metrics = model, tuple(api_keys), metrics
-        self.scheduler = Scheduler(model, metrics)
+        self.scheduler = Scheduler(model, metrics, max_active)
         model.tokenizer  # noqa: B018 - loaded once here, not by two threads at first use
         self.names = {model.source.name, model.model_id}
         self.takes_images = _takes_images(model)
-        self._status: tuple[float, dict[str, Any]] | None = None
+        self._status: tuple[float, int, dict[str, Any]] | None = None  # (at, departures, view)
         self._status_lock = asyncio.Lock()
 
     async def on_swarm(self, coro, timeout: float = SWARM_CALL_TIMEOUT) -> Any:
@@ -73,17 +80,29 @@ class ApiState:
 
     async def status(self) -> dict[str, Any]:
         """The swarm as the dashboard shows it; the last reply's route is always current."""
-        async with self._status_lock:  # many open pages share one swarm snapshot a second
-            if self._status is None or time.monotonic() - self._status[0] > STATUS_MAX_AGE:
+        # many open pages share one snapshot a second, unless a request has left since: its
+        # sessions are gone from the peers
+        async with self._status_lock:
+            departures = self.scheduler.departures
+            if (
+                self._status is None
+                or time.monotonic() - self._status[0] > STATUS_MAX_AGE
+                or self._status[1] != departures
+            ):
                 snapshot = await self.on_swarm(swarm_status(self.model))
-                self._status = (time.monotonic(), snapshot)
+                self._status = (time.monotonic(), departures, snapshot)
             route = [asdict(hop) for hop in self.scheduler.last_route]
-            return {**self._status[1], "last_route": route, "takes_images": self.takes_images}
+            return {**self._status[2], "last_route": route, "takes_images": self.takes_images}
 
 
-def create_app(model: DistributedModelForCausalLM, api_keys: Sequence[str] = ()) -> FastAPI:
-    """The server in front of ``model``'s swarm; starts and stops its scheduler with the app."""
-    state = ApiState(model, api_keys, Metrics())
+def create_app(
+    model: DistributedModelForCausalLM,
+    api_keys: Sequence[str] = (),
+    max_active: int = MAX_ACTIVE,
+) -> FastAPI:
+    """The server in front of ``model``'s swarm; starts and stops its scheduler with the app.
+    ``max_active`` requests are generated together; later ones queue."""
+    state = ApiState(model, api_keys, Metrics(), max_active)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -98,13 +117,7 @@ def create_app(model: DistributedModelForCausalLM, api_keys: Sequence[str] = ())
     install_handlers(app)
     authorized = Depends(_key_check(state))
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=state.metrics)
 
     @app.get("/v1/models", dependencies=[authorized])
     async def list_models() -> dict[str, Any]:
@@ -155,6 +168,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_keys: Sequence[str] = (),
+    max_active: int = MAX_ACTIVE,
 ) -> None:
     """Serve until SIGINT or SIGTERM. uvicorn shuts down gracefully on either, then raises the
     signal again under the handler it found: for SIGTERM that must be a no-op, so that this
@@ -163,7 +177,8 @@ def serve(
 
     previous = signal.signal(signal.SIGTERM, _ignore)
     try:
-        uvicorn.run(create_app(model, api_keys), host=host, port=port, log_level="warning")
+        app = create_app(model, api_keys, max_active)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -210,12 +225,24 @@ def _settings(
     body: ChatCompletionRequest | CompletionRequest,
     prompt_len: int,
 ) -> GenerationConfig:
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    if prompt_len > PEER_LIMITS.max_tokens_per_message:
+        # peers refuse longer messages, and a client bans a peer that refuses it
+        raise bad_request(
+            f"the prompt has {prompt_len} tokens; peers take at most "
+            f"{PEER_LIMITS.max_tokens_per_message} in one message",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    context = min(
+        getattr(model.config, "max_position_embeddings", None) or PEER_LIMITS.max_session_length,
+        PEER_LIMITS.max_session_length,
+    )
     room = context - prompt_len
     if room < 1:
         raise bad_request(
             f"the prompt has {prompt_len} tokens; the model's context holds {context}",
-            param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            param=prompt_param,
             code="context_length_exceeded",
         )
     limit = body.token_limit

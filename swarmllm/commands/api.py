@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from swarmllm.commands.arguments import multiaddr
+from swarmllm.commands.arguments import multiaddr, positive_int
 
 API_KEYS_ENV = "SWARMLLM_API_KEYS"  # comma-separated, for keys that should not sit in `ps`
 
@@ -32,6 +32,14 @@ def add_server_arguments(parser: argparse.ArgumentParser, port_flag: str = "--po
         parser.add_argument("--port", type=port, default=8000, help="TCP port to listen on")
     else:
         parser.add_argument(port_flag, type=port, help="also serve the API on this TCP port")
+    parser.add_argument(
+        "--max-concurrent",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="requests generated together, the rest queue (default 8: peers hold at most "
+        "--max-sessions-per-peer sessions of one client, 8 by default)",
+    )
     parser.add_argument(
         "--api-key",
         action="append",
@@ -77,6 +85,7 @@ def serve_swarm(
     host: str,
     port: int,
     keys: Sequence[str],
+    max_active: int = 8,
     step_timeout: float = 10.0,
 ) -> None:
     """Join the swarm as a client and serve HTTP until SIGINT/SIGTERM."""
@@ -91,4 +100,4 @@ def serve_swarm(
             f"swarmllm api: {model.source.name} on http://{shown}:{port}/ (OpenAI API at /v1)",
             flush=True,
         )
-        serve(model, host, port, keys)
+        serve(model, host, port, keys, max_active)

@@ -70,8 +70,14 @@ def run_swarm(args: argparse.Namespace) -> None:
             from swarmllm.commands.api import api_keys, serve_swarm
 
             print("\nCtrl-C stops the server and the swarm.", flush=True)
+            keys = api_keys(args.api_key)
             serve_swarm(
-                args.model, swarm.initial_peers, args.host, args.api_port, api_keys(args.api_key)
+                args.model,
+                swarm.initial_peers,
+                args.host,
+                args.api_port,
+                keys,
+                max_active=args.max_concurrent,
             )
         else:
             _serve_until_stopped(swarm)
