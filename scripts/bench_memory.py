@@ -1,10 +1,10 @@
 """A peer's memory against its span size, on the embedded model: fixed cost plus a slope.
 
-Starts one peer serving the last 5, 10 and 30 blocks (no vision adapter, no session), waits
-until it is ONLINE, and reads the resident memory (RSS, and PSS, which splits the pages the
-forked DHT process shares with its parent) of the peer process, its DHT process and p2pd.
-Also measures what importing the runtime costs before any weight is loaded. Prints a table
-and writes bench_results/bench_memory.json.
+Starts one peer serving the last 5, 10 and 30 blocks (no vision adapter, no session; it has
+run one throughput pass over its blocks), waits until it is ONLINE, and reads the resident
+memory (RSS, and PSS, which splits the pages the forked DHT process shares with its parent)
+of the peer process, its DHT process and p2pd. Also measures what importing the runtime
+costs before any weight is loaded. Prints a table and writes bench_results/bench_memory.json.
 
     python scripts/bench_memory.py [--spans 5 10 30]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,9 +82,14 @@ def block_bytes(source: ModelSource, start: int, end: int) -> int:
 def peer_memory(source: ModelSource, num_blocks: int) -> dict[str, dict[str, int]]:
     """RSS and PSS of each process of a peer serving the last ``num_blocks`` blocks."""
     last = source.config.num_hidden_layers
-    with LocalSwarm(0, source=source) as swarm:
+    with LocalSwarm(0, source=source) as swarm, tempfile.TemporaryDirectory() as cache:
+        # Weights are read through safetensors' memory map: pages become resident when a pass
+        # touches them. A fresh cache makes the peer measure its throughput, one pass over
+        # every block, as a peer that has served a request.
+        launcher = ["env", f"SWARMLLM_CACHE={cache}", sys.executable, "-m", "swarmllm.cli"]
+        blocks = (last - num_blocks, last)
         peer = swarm.start_peer(
-            "peer", blocks=(last - num_blocks, last), extra_args=["--no-adapter"]
+            "peer", blocks=blocks, extra_args=["--no-adapter"], launcher=launcher
         )
         _wait_online(swarm)
         time.sleep(2.0)  # let start-up garbage settle
