@@ -173,7 +173,8 @@ def test_peers_started_together_spread_and_ignore_a_dead_peers_record(llama, tmp
             start=True,
         )
         try:
-            dead = PeerRecord(PeerState.ONLINE, 0, 2, 100.0, 4096, "0.1.0", "float32")
+            # far faster than any real peer: counted, it would keep everyone off blocks 0-1
+            dead = PeerRecord(PeerState.ONLINE, 0, 2, 1e6, 4096, "0.1.0", "float32")
             announce(ghost, llama.model_id, [0, 1], dead, get_dht_time() + 600)
         finally:
             ghost.shutdown()
