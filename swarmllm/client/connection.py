@@ -68,8 +68,14 @@ class SwarmConnection:
         self.rtt: dict[str, float] = {}
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run a coroutine on the connection's loop from any other thread."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        """Run a coroutine on the connection's loop from any other thread; if the wait ends
+        early (a timeout, Ctrl-C), the coroutine is cancelled rather than left running."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
 
     def coverage(self, model_id: str, num_blocks: int, extra: Sequence[str] = ()) -> CoverageMap:
         return get_coverage(self.dht, model_id, num_blocks, extra_blocks=extra)
