@@ -16,7 +16,6 @@ import logging
 import secrets
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict
 from importlib import resources
@@ -29,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from swarmllm.api.errors import APIError, bad_request, install_handlers, unavailable
 from swarmllm.api.metrics import CountRequests, Metrics
 from swarmllm.api.prompts import Prompt, chat_prompt, completion_prompt
+from swarmllm.api.responses import ChatShape, CompletionShape, Shape, model_card
 from swarmllm.api.scheduler import MAX_ACTIVE, Delta, Event, Failed, Finished, Job, Scheduler
 from swarmllm.api.schemas import ChatCompletionRequest, CompletionRequest
 from swarmllm.api.swarm_view import coverage_problem, swarm_status
@@ -121,24 +121,24 @@ def create_app(
 
     @app.get("/v1/models", dependencies=[authorized])
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(model)]}
+        return {"object": "list", "data": [model_card(model)]}
 
     @app.get("/v1/models/{name:path}", dependencies=[authorized])
     async def get_model(name: str) -> dict[str, Any]:
         _check_model(state, name)
-        return _model_card(model)
+        return model_card(model)
 
     @app.post("/v1/chat/completions", dependencies=[authorized])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
         prompt = chat_prompt(model, body.messages)
-        return await _complete(state, request, body, prompt, _ChatShape(body))
+        return await _complete(state, request, body, prompt, ChatShape(body))
 
     @app.post("/v1/completions", dependencies=[authorized])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
         prompt = completion_prompt(model, body.text)
-        return await _complete(state, request, body, prompt, _CompletionShape(body))
+        return await _complete(state, request, body, prompt, CompletionShape(body))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -274,7 +274,7 @@ async def _complete(
     request: Request,
     body: ChatCompletionRequest | CompletionRequest,
     prompt: Prompt,
-    shape: _Shape,
+    shape: Shape,
 ) -> Response:
     settings = _settings(state.model, body, prompt.ids.shape[1])
     loop = asyncio.get_running_loop()
@@ -334,7 +334,7 @@ async def _stream(
     events: asyncio.Queue[Event],
     job: Job,
     first: Event,
-    shape: _Shape,
+    shape: Shape,
     include_usage: bool,
 ) -> AsyncIterator[str]:
     """SSE: a role chunk, content chunks, a finish chunk, maybe usage, then ``[DONE]``.
@@ -379,86 +379,6 @@ def _api_error(error: BaseException) -> APIError:
         return unavailable(f"the swarm did not answer: {error}", code="swarm_failure")
     logger.error("request failed", exc_info=error)
     return APIError(500, f"internal error: {error}", type="server_error")
-
-
-# ---------------------------------------------------------------- response bodies
-
-
-def _model_card(model: DistributedModelForCausalLM) -> dict[str, Any]:
-    return {"id": model.source.name, "object": "model", "created": 0, "owned_by": "swarmllm"}
-
-
-def _usage(event: Finished) -> dict[str, int]:
-    total = event.prompt_tokens + event.completion_tokens
-    return {
-        "prompt_tokens": event.prompt_tokens,
-        "completion_tokens": event.completion_tokens,
-        "total_tokens": total,
-    }
-
-
-class _Shape:
-    """The OpenAI body of one endpoint, whole or as stream chunks."""
-
-    object: str
-    chunk_object: str
-    prefix: str
-    opening_chunk = False  # a first chunk before any text (chat: the assistant's role)
-
-    def __init__(self, body: ChatCompletionRequest | CompletionRequest):
-        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = body.model
-
-    def _envelope(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def whole(self, text: str, finished: Finished) -> dict[str, Any]:
-        choice = {"index": 0, **self._whole_choice(text), "finish_reason": finished.reason}
-        return {**self._envelope(self.object), "choices": [choice], "usage": _usage(finished)}
-
-    def chunk(
-        self, text: str | None, reason: str | None, include_usage: bool, first: bool = False
-    ) -> dict[str, Any]:
-        choice = {"index": 0, **self._chunk_choice(text, first), "finish_reason": reason}
-        body = {**self._envelope(self.chunk_object), "choices": [choice]}
-        if include_usage:
-            body["usage"] = None
-        return body
-
-    def usage_chunk(self, finished: Finished) -> dict[str, Any]:
-        return {**self._envelope(self.chunk_object), "choices": [], "usage": _usage(finished)}
-
-    def _whole_choice(self, text: str) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _chunk_choice(self, text: str | None, first: bool) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class _ChatShape(_Shape):
-    object, chunk_object, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
-    opening_chunk = True
-
-    def _whole_choice(self, text: str) -> dict[str, Any]:
-        return {"message": {"role": "assistant", "content": text}, "logprobs": None}
-
-    def _chunk_choice(self, text: str | None, first: bool) -> dict[str, Any]:
-        if first:
-            delta = {"role": "assistant", "content": ""}
-        else:
-            delta = {} if text is None else {"content": text}
-        return {"delta": delta, "logprobs": None}
-
-
-class _CompletionShape(_Shape):
-    object, chunk_object, prefix = "text_completion", "text_completion", "cmpl"
-
-    def _whole_choice(self, text: str) -> dict[str, Any]:
-        return {"text": text, "logprobs": None}
-
-    def _chunk_choice(self, text: str | None, first: bool) -> dict[str, Any]:
-        return {"text": text or "", "logprobs": None}
 
 
 def _takes_images(model: DistributedModelForCausalLM) -> bool:
