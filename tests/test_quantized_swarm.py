@@ -58,7 +58,27 @@ def int8_swarm(embedded_source: ModelSource, tmp_path_factory) -> Iterator[Local
         yield running
 
 
-@pytest.mark.timeout(1200)  # 5 x 64 greedy tokens twice, plus the swarm's start, on 2 cores
+def test_an_int8_peer_takes_far_less_memory_than_a_float32_peer(int8_swarm, embedded_source):
+    config = embedded_source.config
+    by_name = {peer.name: peer for peer in int8_swarm.peers}
+    int8_rss = psutil.Process(by_name["peer0-0"].pid).memory_info().rss
+    float_rss = psutil.Process(by_name["float32-0"].pid).memory_info().rss
+    float_block = block_budget(config, Placement(torch.device("cpu"), torch.float32), 1, 1)
+    int8_block = block_budget(config, resolve_placement("cpu", "auto", "int8"), 1, 1)
+    span_float_bytes, span_int8_bytes = 10 * float_block.weight_bytes, 10 * int8_block.weight_bytes
+    saved = float_rss - int8_rss
+    print(
+        f"blocks 0-9: float32 peer {float_rss / 2**20:.0f} MiB, int8 peer {int8_rss / 2**20:.0f} "
+        f"MiB, saved {saved / 2**20:.0f} MiB = {saved / span_float_bytes:.0%} of the span's "
+        f"float32 weights ({span_float_bytes / 2**20:.0f} MiB); fixed cost "
+        f"{(float_rss - span_float_bytes) / 2**20:.0f} MiB (float32), "
+        f"{(int8_rss - span_int8_bytes) / 2**20:.0f} MiB (int8)"
+    )
+    assert saved >= 0.6 * span_float_bytes
+
+
+# 5 x 64 greedy tokens twice: about 2 minutes on a quiet 2-core machine, 20+ under heavy load
+@pytest.mark.timeout(1800)
 def test_int8_peers_generate_like_float32_within_the_measured_bounds(int8_swarm, embedded_source):
     source = embedded_source
     tokenizer = source.load_tokenizer()
@@ -93,27 +113,6 @@ def test_int8_peers_generate_like_float32_within_the_measured_bounds(int8_swarm,
     assert same / total >= INT8_MIN_GREEDY_AGREEMENT
     assert top1 / positions >= INT8_MIN_TOP1_AGREEMENT
     assert 0 < max_error <= INT8_MAX_LOGIT_ERROR
-
-
-def test_an_int8_peer_takes_far_less_memory_than_a_float32_peer(int8_swarm, embedded_source):
-    config = embedded_source.config
-    by_name = {peer.name: peer for peer in int8_swarm.peers}
-    int8_rss = psutil.Process(by_name["peer0-0"].pid).memory_info().rss
-    float_rss = psutil.Process(by_name["float32-0"].pid).memory_info().rss
-    span_float_bytes = (
-        10 * block_budget(config, Placement(torch.device("cpu"), torch.float32), 1, 1).weight_bytes
-    )
-    span_int8_bytes = 10 * block_budget(config, resolve_placement("cpu", "auto", "int8"), 1, 1)
-    span_int8_bytes = span_int8_bytes.weight_bytes
-    saved = float_rss - int8_rss
-    print(
-        f"blocks 0-9: float32 peer {float_rss / 2**20:.0f} MiB, int8 peer {int8_rss / 2**20:.0f} "
-        f"MiB, saved {saved / 2**20:.0f} MiB = {saved / span_float_bytes:.0%} of the span's "
-        f"float32 weights ({span_float_bytes / 2**20:.0f} MiB); fixed cost "
-        f"{(float_rss - span_float_bytes) / 2**20:.0f} MiB (float32), "
-        f"{(int8_rss - span_int8_bytes) / 2**20:.0f} MiB (int8)"
-    )
-    assert saved >= 0.6 * span_float_bytes
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,12 @@ def place_layer(layer: nn.Module, placement: Placement) -> nn.Module:
         return layer.to(placement.device, placement.dtype)
     if placement.device.type == "cpu":
         _swap_linears(layer, lambda linear: Int8WeightOnlyLinear(linear, placement.dtype))
-        return layer.to(placement.dtype)  # the norms; int8 buffers keep their dtype
+        layer = layer.to(placement.dtype)  # the norms; int8 buffers keep their dtype
+        for param in layer.parameters():
+            # a tensor read by safetensors can be a view of the whole mapped file: one left
+            # (a norm's weight) keeps every page the quantizer read resident
+            param.data = param.data.clone()
+        return layer
     _swap_linears(layer, lambda linear: _bitsandbytes_linear(linear, placement))
     return layer.to(placement.device)  # bitsandbytes quantizes as the weights move
 
