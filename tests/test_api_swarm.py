@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +19,9 @@ import openai
 import pytest
 from api_server import api_server
 from prometheus_client.parser import text_string_to_metric_families
+from readme_blocks import python_blocks
 
+from swarmllm.assets import example_image
 from swarmllm.blocks import shapes
 from swarmllm.blocks.prompts import prompt_ids
 from swarmllm.blocks.sources import ModelSource
@@ -28,7 +32,7 @@ from swarmllm.swarm import LocalSwarm
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "green_star.png"
+EXAMPLE = example_image("green_star.png")
 ARTIFACTS = Path(os.environ.get("SWARMLLM_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 KEY = "sk-test-key"
 MODEL = "SmolLM2-135M-Instruct"
@@ -84,7 +88,7 @@ def _text(model: DistributedModelForCausalLM, tokens: list[int]) -> str:
 def _peer_sessions(model: DistributedModelForCausalLM, swarm: LocalSwarm) -> list[int]:
     """Open sessions on every peer, as each peer's ``info`` reports them."""
     connection = model.connection
-    return [connection.run(connection.info(p.peer_id), timeout=30)["sessions"] for p in swarm.peers]
+    return [connection.run(connection.info(p.peer_id), timeout=30).sessions for p in swarm.peers]
 
 
 def _metric(server: str, name: str):
@@ -442,6 +446,9 @@ def test_the_dashboard_lists_every_peer_with_its_span(browser, server, swarm):
         for i in range(rows.count())
     }
     assert shown == {p.peer_id: f"{p.blocks[0]}-{p.blocks[1]}" for p in swarm.peers}
+    # what only the peers' info answers tell: device and precision, open sessions
+    for i in range(rows.count()):
+        assert "cpu / float32" in rows.nth(i).inner_text()
     assert page.inner_text("#coverage-status") == "fully covered"
     assert page.locator("#coverage-bar > div.c1").count() == 30  # one peer on every block
     assert page.is_visible("#image-row")  # the embedded model takes pictures
@@ -540,3 +547,15 @@ def test_a_peer_lost_midway_ends_the_stream_with_an_error_then_503(swarm, tmp_pa
             assert health.status_code == 503 and "blocks 20-29" in _error_body(health)["message"]
         finally:
             last.send_signal(signal.SIGCONT)
+
+
+def test_the_readme_openai_example_runs_as_written(server):
+    blocks = python_blocks(containing="OpenAI(")
+    assert blocks, "the README has no openai SDK example"
+    for code in blocks:
+        code = code.replace("http://localhost:8000/v1", f"{server}/v1").replace("sk-mine", KEY)
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip(), "the example printed no answer"

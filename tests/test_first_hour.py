@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 from cli_runner import run_cli
+from readme_blocks import python_blocks
 from transformers import AutoModelForCausalLM
 
 from swarmllm.blocks.sources import ModelSource
@@ -24,7 +24,6 @@ from swarmllm.swarm import LocalSwarm
 
 pytestmark = pytest.mark.slow
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 SYSTEM = "You are a concise assistant."
 QUESTIONS = ["What is the capital of France?", "And of Italy?", "Which of the two is bigger?"]
 TURN_TOKENS = 24
@@ -124,10 +123,6 @@ def test_the_chat_command_scripted_prints_one_line_per_reply_and_resets(swarm, r
     assert result.stderr == ""
 
 
-def _python_blocks(markdown: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", markdown, flags=re.DOTALL)
-
-
 def _run_python(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
@@ -135,11 +130,10 @@ def _run_python(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def test_the_readme_python_examples_run_as_written_and_print_clean_text(swarm):
-    blocks = _python_blocks(README.read_text())
-    assert blocks, "the README has no Python example"
+    blocks = python_blocks(containing='"/ip4/…/p2p/…"')
+    assert blocks, "the README has no Python example of the client library"
     address = swarm.initial_peers[0]
     for code in blocks:
-        assert '"/ip4/…/p2p/…"' in code
         result = _run_python(code.replace("/ip4/…/p2p/…", address))
         assert result.returncode == 0, result.stderr
         assert "Paris" in result.stdout and "Rome" in result.stdout

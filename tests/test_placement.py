@@ -108,7 +108,7 @@ def test_a_quantized_span_decodes_in_batches_like_alone(llama):
 
 
 def _record(dtype="float32", quant="none", start=0, end=6, **kw) -> PeerRecord:
-    fields = dict(state=PeerState.ONLINE, start=start, end=end, throughput=10.0)
+    fields = dict(state=PeerState.ONLINE, start=start, end=end, decode_steps_per_s=10.0)
     fields.update(cache_tokens_left=1000, version="0.1.0", dtype=dtype, quant=quant, **kw)
     return PeerRecord(**fields)
 
@@ -136,8 +136,8 @@ def _coverage(records: dict[str, PeerRecord]) -> CoverageMap:
 def test_routes_keep_to_the_minimum_precision():
     coverage = _coverage(
         {
-            "fast-bf16": dataclasses.replace(_record("bfloat16"), throughput=1000.0),
-            "fast-int8": dataclasses.replace(_record(quant="int8"), throughput=500.0),
+            "fast-bf16": dataclasses.replace(_record("bfloat16"), decode_steps_per_s=1000.0),
+            "fast-int8": dataclasses.replace(_record(quant="int8"), decode_steps_per_s=500.0),
             "slow-fp32": _record(),
         }
     )

@@ -67,6 +67,7 @@ class FakeRouter:
     records: dict[str, PeerRecord]
     bans: BanList = field(default_factory=BanList)
     allowed: frozenset[str] | None = None
+    min_precision: str | None = None
     connection: object = None
 
     async def read_coverage(self, fresh: bool) -> tuple[CoverageMap, bool]:
@@ -100,8 +101,7 @@ class Check:
                 session_id="s", model_id="m", pad_lengths=None, timeout_for=lambda n: 5.0
             ),
             steps_sent=3,
-            last_signature=b"sig",
-            digest=lambda *args: digest,
+            last_replies=[SignedReply(CHECKED, digest, b"sig", output)],  # the step's own reply
         )
 
         async def fake_signed_forward(connection, hop: Hop, model_id, inputs, **options):

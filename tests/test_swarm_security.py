@@ -137,7 +137,8 @@ def test_a_bad_allowed_peers_file_is_one_clear_error(command: str, tmp_path: Pat
     allowed.write_text("# clients\n12D3KooWnotapeerid\n")
     args = ["--allowed-peers", str(allowed)]
     if command == "generate":
-        args += ["--initial-peers", f"/ip4/{HOST}/tcp/9", "hello"]
+        nobody = peer_id_of(create_identity(tmp_path / "nobody.key"))
+        args += ["--initial-peers", f"/ip4/{HOST}/tcp/9/p2p/{nobody}", "hello"]
     result = run_cli(command, *args)
     assert result.returncode == 1
     assert f"{allowed}, line 2: '12D3KooWnotapeerid' is not an Ed25519 peer id" in result.stderr

@@ -96,5 +96,5 @@ def test_a_missing_image_fails_before_joining_the_swarm(tmp_path):
         "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
         "What is in the picture?",
     )
-    assert result.returncode == 1
+    assert result.returncode == 2  # a wrong argument, refused while parsing
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from swarmllm.client.routing import NoRouteError
+from swarmllm.protocol import InfoReply
 
 if TYPE_CHECKING:
     from swarmllm.client.model import DistributedModelForCausalLM
@@ -25,7 +27,7 @@ async def swarm_status(model: DistributedModelForCausalLM) -> dict[str, Any]:
     peers = []
     for peer_id, reply in zip(ids, replies, strict=True):
         record = records[peer_id]
-        info = reply if isinstance(reply, dict) else {}
+        info = dataclasses.asdict(reply) if isinstance(reply, InfoReply) else {}
         rtt = model.connection.rtt.get(peer_id) if info else None
         peers.append(
             {
@@ -41,6 +43,7 @@ async def swarm_status(model: DistributedModelForCausalLM) -> dict[str, Any]:
                 "sessions": info.get("sessions"),
                 "device": info.get("device"),
                 "dtype": info.get("dtype"),
+                "quant": info.get("quant"),
                 "version": info.get("version"),
                 "adapters": list(record.adapters),
                 "ping_ms": round(rtt * 1000, 2) if rtt is not None else None,

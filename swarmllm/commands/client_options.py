@@ -15,7 +15,7 @@ from swarmllm.commands.arguments import (
     readable_file,
 )
 from swarmllm.commands.parsing import UsageError
-from swarmllm.dht.records import PRECISIONS
+from swarmllm.precisions import PRECISIONS
 
 SAMPLING_HELP = (
     "sampling: greedy unless --temperature, --top-k or --top-p is given (as in the Python "

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 
+from swarmllm.precisions import PRECISIONS
 from swarmllm.security.record_validator import MAX_RECORD_BYTES
 from swarmllm.security.signing import SIGNATURE_BYTES
 
@@ -29,10 +30,6 @@ _UNPACK_LIMITS = {
     "max_ext_len": 0,
 }
 
-# Number formats a span may compute in, coarsest first. A peer's precision is its quantization
-# when its linear layers are quantized, else its compute dtype; ``--min-precision P`` accepts
-# the peers at P or finer. (float16 keeps 10 mantissa bits to bfloat16's 7.)
-PRECISIONS = ("nf4", "int8", "bfloat16", "float16", "float32")
 MAX_FIELD_CHARS = 32  # device kinds, dtypes and quantization names are short
 
 

@@ -62,7 +62,8 @@ function renderStatus(s) {
     }));
     const state_ = el("td", { class: p.reachable ? `state-${p.state}` : "unreachable" },
       p.reachable ? (p.banned ? `${p.state} (banned)` : p.state) : "unreachable");
-    const device = [p.device, p.dtype].filter(Boolean).join(" / ") || "–";
+    const precision = p.quant && p.quant !== "none" ? `${p.quant} (${p.dtype})` : p.dtype;
+    const device = [p.device, precision].filter(Boolean).join(" / ") || "–";
     row.append(
       name,
       el("td", {}, `${p.start}–${p.end - 1}`),
