@@ -25,6 +25,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Callable
 
 import torch
@@ -49,6 +51,19 @@ def place_layer(layer: nn.Module, placement: Placement) -> nn.Module:
         return layer
     _swap_linears(layer, lambda linear: _bitsandbytes_linear(linear, placement))
     return layer.to(placement.device)  # bitsandbytes quantizes as the weights move
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed inside malloc's heaps back to the OS (glibc; a no-op elsewhere).
+
+    A span loads on the peer's compute thread, whose malloc arena keeps the freed float
+    weights of quantized layers: an int8 peer of 10 SmolLM2 blocks stayed 83 MiB above what
+    it holds until this trim.
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class Int8WeightOnlyLinear(nn.Module):

@@ -19,7 +19,7 @@ from swarmllm.blocks.masks import (
     position_ids,
 )
 from swarmllm.blocks.placement import Placement
-from swarmllm.blocks.quantization import place_layer
+from swarmllm.blocks.quantization import place_layer, release_freed_memory
 from swarmllm.blocks.weights import read_tensors
 
 CPU = torch.device("cpu")
@@ -98,6 +98,8 @@ class BlockSpan(nn.Module):
             layer.load_state_dict(state, strict=True, assign=True)
             del state  # the layer holds the only references: quantizing frees them
             layers.append(place_layer(layer, placement))
+        if placement.quant != "none":
+            release_freed_memory()  # the float weights of the quantized layers
         return cls(config, start, end, layers, placement).eval()
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
