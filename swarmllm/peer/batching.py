@@ -13,8 +13,10 @@ While a session that sent a decode step for that span in the last ``active_perio
 is missing from the batch, the batch waits for it, at most ``window`` seconds: a lone session
 never waits, sessions stepping in lockstep are batched whole instead of one plus the rest, and
 a session that closes (its cache is freed) or goes idle stops holding the others up. By default
-the window is as long as the span's last decode pass: waiting longer for a straggler would cost
-more than running it in a pass of its own.
+the window is as long as the span's last decode pass (waiting longer for a straggler would cost
+more than running it in a pass of its own), but at least ``MIN_AUTO_WINDOW``: steps sent together
+reach the queue that far apart after their off-loop decoding, so a span faster than that would
+otherwise never batch.
 
 Decode passes run on ``decode_threads`` torch threads (default 1), other passes on
 ``num_threads``: a single-token pass is a chain of small ops where a second thread mostly adds
@@ -44,6 +46,7 @@ logger = logging.getLogger("swarmllm.peer")
 T = TypeVar("T")
 
 MAX_AUTO_WINDOW = 0.05  # seconds: the default window is the last decode pass, at most this
+MIN_AUTO_WINDOW = 0.003  # ... and at least this
 ACTIVE_PERIOD = 1.0  # a session that sent a decode step this recently is expected again
 MAX_BATCH_ROWS = 64
 # A batched pass lines every row's keys up to the longest session's (right padding): its
@@ -154,7 +157,8 @@ class BatchingWorker(ComputeWorker):
         ``window``) for the sessions that are decoding there but not yet queued."""
         window = self.window
         if window is None:
-            window = min(MAX_AUTO_WINDOW, self._last_pass.get(first.span, 0.0))
+            last_pass = self._last_pass.get(first.span, 0.0)
+            window = min(MAX_AUTO_WINDOW, max(MIN_AUTO_WINDOW, last_pass))
         deadline = time.monotonic() + window
         while True:
             batch, rows = [first], first.hidden.shape[0]
