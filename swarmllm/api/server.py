@@ -324,10 +324,14 @@ async def _next_event(events: asyncio.Queue[Event], request: Request | None) -> 
     job with an event within its round timeout."""
     while True:
         try:
-            return await asyncio.wait_for(events.get(), DISCONNECT_POLL)
+            event: Event | None = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
         except asyncio.TimeoutError:
-            if request is not None and await request.is_disconnected():
-                raise ClientGone() from None
+            event = None
+        # checked after every event too: tokens may come faster than the poll period
+        if request is not None and await request.is_disconnected():
+            raise ClientGone()
+        if event is not None:
+            return event
 
 
 async def _stream(
