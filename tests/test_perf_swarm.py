@@ -52,14 +52,25 @@ def client(swarm: LocalSwarm, source: ModelSource, **kwargs) -> DistributedModel
 
 def test_sessions_stepped_together_are_batched_and_decode_as_if_alone(swarm, llama):
     prompts = [tokens(5, seed=1), tokens(17, seed=2), tokens(9, seed=3)]
-    with client(swarm, llama, profile=True) as model:
-        together = model.generate_concurrently(prompts, max_new_tokens=NEW_TOKENS, eos_token_id=[])
-        decode = model.profile.summary()["decode"]
-        alone = [model.generate(p, max_new_tokens=NEW_TOKENS, eos_token_id=[]) for p in prompts]
-    for got, want in zip(together, alone, strict=True):
-        assert got.tolist() == want.tolist()
-    assert len(decode["hops"]) == 3
-    assert all(hop["mean_batch"] >= 2 for hop in decode["hops"]), decode  # peers ran them together
+    profiles = []
+    # whether a step waits for the others is a matter of milliseconds on this tiny model: a
+    # busy machine can spread steps sent together past the batching window, so the batching
+    # half gets three tries; the outputs must be right on every one
+    for _ in range(3):
+        with client(swarm, llama, profile=True) as model:
+            together = model.generate_concurrently(
+                prompts, max_new_tokens=NEW_TOKENS, eos_token_id=[]
+            )
+            decode = model.profile.summary()["decode"]
+            alone = [model.generate(p, max_new_tokens=NEW_TOKENS, eos_token_id=[]) for p in prompts]
+        for got, want in zip(together, alone, strict=True):
+            assert got.tolist() == want.tolist()
+        assert len(decode["hops"]) == 3
+        profiles.append(decode)
+        if all(hop["mean_batch"] >= 2 for hop in decode["hops"]):
+            break  # the peers ran them together
+    else:
+        raise AssertionError(f"the peers never batched the sessions: {profiles}")
 
 
 def test_concurrent_clients_get_what_each_gets_alone(swarm, llama):

@@ -46,7 +46,7 @@ logger = logging.getLogger("swarmllm.peer")
 T = TypeVar("T")
 
 MAX_AUTO_WINDOW = 0.05  # seconds: the default window is the last decode pass, at most this
-MIN_AUTO_WINDOW = 0.003  # ... and at least this
+MIN_AUTO_WINDOW = 0.01  # ... and at least this
 ACTIVE_PERIOD = 1.0  # a session that sent a decode step this recently is expected again
 MAX_BATCH_ROWS = 64
 # A batched pass lines every row's keys up to the longest session's (right padding): its
