@@ -118,7 +118,7 @@ def _api() -> huggingface_hub.HfApi:
 
 def _manifest_from_hub(repo_id: str, commit: str, path: Path, siblings: dict) -> Manifest:
     if (path / SAFETENSORS_INDEX).is_file():
-        weight_map = _read_json(path / SAFETENSORS_INDEX).get("weight_map")
+        weight_map = read_json_object(path / SAFETENSORS_INDEX).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelSourceError(f"{SAFETENSORS_INDEX} of {repo_id} has no 'weight_map'")
     elif SAFETENSORS_FILE in siblings:
@@ -169,7 +169,7 @@ def _cached_snapshot(
     commit = path.name
     record_path = _record_path(manifests, repo_id, commit)
     try:
-        record = _read_json(record_path)
+        record = read_json_object(record_path)
         manifest = Manifest.from_json(record["manifest"], str(record_path))
         metadata_files = [str(name) for name in record["metadata_files"]]
     except (ModelSourceError, KeyError, TypeError) as exc:
@@ -236,7 +236,8 @@ def _is_not_found(exc: BaseException) -> bool:
     return status in (401, 404)
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; ModelSourceError names the file otherwise."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

@@ -9,7 +9,6 @@ the shards of its span and a client those of its embeddings and head.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -128,7 +127,7 @@ def read_weight_map(directory: Path) -> dict[str, Path]:
     """
     index_path = directory / SAFETENSORS_INDEX
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = hub.read_json_object(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelSourceError(f"{index_path} has no 'weight_map'; re-download the model")
         files = sorted({directory / str(shard) for shard in weight_map.values()})
@@ -216,7 +215,7 @@ def _source(
     hashes: FileHashes,
 ) -> ModelSource:
     """The source of ``config`` whose id binds the config file and ``manifest``."""
-    config_sha = config_digest(_read_json(path / "config.json"))
+    config_sha = config_digest(hub.read_json_object(path / "config.json"))
     model_id = manifest.model_id(config.model_type, config_sha)
     weights = WeightFiles(manifest, model_id, locate, hashes)
     if config.model_type in MULTIMODAL_TYPES:
@@ -227,7 +226,7 @@ def _source(
 def _check_index_agrees(path: Path, manifest: Manifest) -> None:
     index_path = path / SAFETENSORS_INDEX
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = hub.read_json_object(index_path).get("weight_map")
         if weight_map != manifest.weight_map:
             raise ModelSourceError(
                 f"{index_path} and {path / MANIFEST_FILE} place the tensors differently; "
@@ -241,7 +240,7 @@ def _load_config(directory: Path) -> PretrainedConfig:
         raise ModelSourceError(
             f"directory {directory} has no config.json; is it a model directory?"
         )
-    model_type = _read_json(config_path).get("model_type")
+    model_type = hub.read_json_object(config_path).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelSourceError(
             f"model_type {model_type!r} of {directory} is not supported; supported families: "
@@ -307,7 +306,7 @@ def _verified_cache(target: Path, hashes: FileHashes) -> ModelSource:
     info_path = target / CACHE_INFO_FILE
     if not info_path.is_file():
         raise ModelSourceError(f"{info_path} is missing (interrupted conversion?)")
-    info = _read_json(info_path)
+    info = hub.read_json_object(info_path)
     source = _resolve_directory(target, hashes, name=embedded.EMBEDDED_NAME)
     if source.model_id != info.get("model_id"):
         raise ModelSourceError(
@@ -328,8 +327,8 @@ def _convert_into(gguf: Path, target: Path, hashes: FileHashes, progress: bool) 
                 f"`{embedded.INSTALL_HINT} --force-reinstall`"
             ) from exc
         manifest = directory_manifest(staging)
-        config_sha = config_digest(_read_json(staging / "config.json"))
-        model_id = manifest.model_id(_read_json(staging / "config.json")["model_type"], config_sha)
+        config = hub.read_json_object(staging / "config.json")
+        model_id = manifest.model_id(config["model_type"], config_digest(config))
         _write_json_atomic(staging / CACHE_INFO_FILE, {"model_id": model_id, "source": str(gguf)})
         os.replace(staging, target)
     finally:
@@ -351,16 +350,6 @@ def _hub_name_of_snapshot(path: Path) -> str | None:
     if path.parent.name == "snapshots" and repo_dir.startswith("models--"):
         return repo_dir.removeprefix("models--").replace("--", "/", 1)
     return None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"cannot parse {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelSourceError(f"{path} does not hold a JSON object")
-    return data
 
 
 def _scratch_dir(target: Path) -> Path:
