@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from swarmllm.commands.arguments import multiaddr, positive_int
+from swarmllm.commands.arguments import multiaddr, port, positive_int
 
 API_KEYS_ENV = "SWARMLLM_API_KEYS"  # comma-separated, for keys that should not sit in `ps`
 
@@ -56,16 +56,6 @@ def api_keys(flags: Sequence[str]) -> list[str]:
     if any(not k.strip() for k in keys):
         raise ValueError("--api-key must not be empty")
     return keys
-
-
-def port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a TCP port, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port within 0-65535, got {value}")
-    return value
 
 
 def run_api(args: argparse.Namespace) -> None:

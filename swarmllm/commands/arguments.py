@@ -52,7 +52,15 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_nat_port_map_flag(parser: argparse.ArgumentParser) -> None:
+def add_reachability_flags(parser: argparse.ArgumentParser) -> None:
+    """How a node that listens (``dht``, ``peer``) tells others where to reach it."""
+    parser.add_argument(
+        "--announce-maddrs",
+        nargs="*",
+        type=multiaddr,
+        default=[],
+        help="addresses to tell other peers instead (e.g. a public address in front of NAT)",
+    )
     parser.add_argument(
         "--nat-port-map",
         action="store_true",
@@ -90,3 +98,14 @@ def image_file(text: str) -> Path:
     if shipped is not None:
         return shipped
     raise argparse.ArgumentTypeError(f"image file {text!r} does not exist")
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port number."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port within 0-65535, got {value}")
+    return value

@@ -8,7 +8,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from swarmllm.commands.arguments import add_nat_port_map_flag, multiaddr, peer_multiaddr
+from swarmllm.commands.arguments import add_reachability_flags, multiaddr, peer_multiaddr
 
 DEFAULT_HOST_MADDR = "/ip4/127.0.0.1/tcp/31337"
 
@@ -31,14 +31,7 @@ def add_dht_command(commands: argparse._SubParsersAction) -> None:
         "for peers on other machines, /ip4/0.0.0.0/tcp/31337 listens on every interface); "
         "a port in use is refused",
     )
-    parser.add_argument(
-        "--announce-maddrs",
-        nargs="*",
-        type=multiaddr,
-        default=[],
-        help="addresses to tell other peers instead (e.g. a public address in front of NAT)",
-    )
-    add_nat_port_map_flag(parser)
+    add_reachability_flags(parser)
     parser.add_argument(
         "--identity", type=Path, help="key file (created if missing) that keeps the address stable"
     )

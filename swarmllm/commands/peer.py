@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from swarmllm.commands.arguments import (
-    add_nat_port_map_flag,
+    add_reachability_flags,
     block_range,
     multiaddr,
     peer_multiaddr,
@@ -52,14 +52,7 @@ def add_peer_command(commands: argparse._SubParsersAction) -> None:
         default=["/ip4/0.0.0.0/tcp/0"],
         help="addresses to listen on (tcp/0: any free port); a port in use is refused",
     )
-    parser.add_argument(
-        "--announce-maddrs",
-        nargs="*",
-        type=multiaddr,
-        default=[],
-        help="addresses to tell other peers instead (e.g. a public address in front of NAT)",
-    )
-    add_nat_port_map_flag(parser)
+    add_reachability_flags(parser)
     parser.add_argument("--cache-tokens", type=positive_int, default=16384, help="KV cache budget")
     parser.add_argument(
         "--max-sessions", type=positive_int, default=32, help="open sessions at once"
