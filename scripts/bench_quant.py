@@ -2,7 +2,7 @@
 
 For each configuration it starts a 3-peer swarm (10 blocks each) and measures:
 - bytes per block (weights, as the peer's memory sizing counts them);
-- peer resident memory (median of the three peers' RSS);
+- peer resident memory (median of the three peers' RSS, once they have served);
 - decode tokens/s of one session through the swarm, against local transformers ``generate``
   (float32 on the CPU, bfloat16 on a GPU);
 - the max logit error and top-1 agreement against float32 transformers, teacher-forced on
@@ -123,8 +123,6 @@ def measure_swarm(
     block_bytes = block_budget(source.config, placement, 1, 1).weight_bytes
     with LocalSwarm(3, source=source, peer_args=flags) as swarm:
         swarm.wait_until_ready(timeout=300)
-        time.sleep(2)  # let start-up allocations settle before reading RSS
-        rss = statistics.median(psutil.Process(p.pid).memory_info().rss for p in swarm.peers)
         with DistributedModelForCausalLM.from_pretrained(
             None, initial_peers=swarm.initial_peers, device=device
         ) as model:
@@ -147,6 +145,8 @@ def measure_swarm(
                 max_error = max(max_error, float((swarm_logits - logits).abs().max()))
                 top1 += int((swarm_logits.argmax(-1) == logits.argmax(-1)).sum())
                 positions += answer.shape[1]
+        # once they have served: an idle peer's float weights are mapped pages not yet read
+        rss = statistics.median(psutil.Process(p.pid).memory_info().rss for p in swarm.peers)
     return {
         "config": f"3 peers, {placement.describe()}",
         "block_bytes": block_bytes,
