@@ -2,6 +2,8 @@
 
 MODE ``noise``: the span adds Gaussian noise to every output, which the peer then signs
 correctly (a valid signature over wrong values; only spot-checking can catch it).
+MODE ``noise-once``: the same noise, on the third decode step only (the one lie a peer hopes
+a spot-check of a later step will not see).
 MODE ``wrong-key``: outputs are right, but every reply is signed with a key other than the
 peer's own (the client's signature check catches it on the first reply).
 MODE ``nan``: every output is NaN, correctly signed (the client's own check of each reply must
@@ -40,6 +42,21 @@ def add_noise() -> None:
     BlockSpan.forward, BlockSpan.decode_batch = noisy_forward, noisy_decode_batch
 
 
+def add_noise_once(lied_at: int = 3) -> None:
+    forward = BlockSpan.forward
+    steps = 0
+
+    def noisy_once(self: BlockSpan, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        nonlocal steps
+        output = forward(self, hidden, *args, **kwargs)
+        steps += hidden.shape[1] == 1  # a single session's decode step runs alone
+        if steps != lied_at or hidden.shape[1] != 1:
+            return output
+        return output + NOISE_STD * torch.randn_like(output)
+
+    BlockSpan.forward = noisy_once
+
+
 def output_nan() -> None:
     forward, decode_batch = BlockSpan.forward, BlockSpan.decode_batch
 
@@ -61,7 +78,12 @@ def sign_with_another_key() -> None:
     swarmllm.peer.servicer.sign_activation = sign_activation
 
 
-MODES = {"noise": add_noise, "wrong-key": sign_with_another_key, "nan": output_nan}
+MODES = {
+    "noise": add_noise,
+    "noise-once": add_noise_once,
+    "wrong-key": sign_with_another_key,
+    "nan": output_nan,
+}
 
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in MODES or sys.argv[2] != "peer":

@@ -69,8 +69,13 @@ class FakeRouter:
     allowed: frozenset[str] | None = None
     min_precision: str | None = None
     connection: object = None
+    joined: dict[str, PeerRecord] = field(default_factory=dict)  # seen by a fresh read only
+    fresh_reads: int = 0
 
     async def read_coverage(self, fresh: bool) -> tuple[CoverageMap, bool]:
+        if fresh:
+            self.fresh_reads += 1
+            self.records.update(self.joined)
         blocks = [{p: r for p, r in self.records.items() if r.start <= b < r.end} for b in range(6)]
         return CoverageMap("m", 6, blocks), False
 
@@ -82,17 +87,21 @@ class Check:
     checked: Callable[[torch.Tensor], torch.Tensor]
     verifiers: dict[str, Callable[[torch.Tensor], torch.Tensor]]
     records: dict[str, PeerRecord] | None = None
+    # what the checked peer answered for the earlier tokens (default: ``checked``)
+    past: Callable[[torch.Tensor], torch.Tensor] | None = None
+    joined: dict[str, PeerRecord] = field(default_factory=dict)
     asked: list[str] = field(default_factory=list)
 
     def run(self, monkeypatch: pytest.MonkeyPatch, fraction: float = 1.0) -> SpotChecker:
         records = self.records or {CHECKED: record(), **{p: record() for p in self.verifiers}}
-        router = FakeRouter(records)
+        router = self.router = FakeRouter(records, joined=self.joined)
         checker = SpotChecker(router, fraction)
         checker.rng = FixedOrder()
         generator = torch.Generator().manual_seed(0)
         history = [torch.randn(1, 5, HIDDEN, generator=generator)]
         hidden = torch.randn(1, 1, HIDDEN, generator=generator)
         output = self.checked(torch.cat([*history, hidden], dim=1))[:, -1:]
+        past_outputs = [(self.past or self.checked)(history[0])]
         hop = Hop(CHECKED, 2, 4)
         digest = SimpleNamespace(input_digest=b"\1" * 8, output_digest=b"\2" * 8)
         stream = SimpleNamespace(
@@ -116,7 +125,7 @@ class Check:
         monkeypatch.setattr(verification, "signed_forward", fake_signed_forward)
         self.failure: HopFailure | None = None
         try:
-            asyncio.run(checker.check(stream, history, hidden, output, position=5))
+            asyncio.run(checker.check(stream, history, past_outputs, hidden, output, position=5))
         except HopFailure as failure:
             self.failure = failure
         self.banned = router.bans.banned()
@@ -141,6 +150,16 @@ def test_a_liar_outvoted_by_two_fails_its_hop_and_nobody_else_is_banned(
     (evidence,) = checker.evidence
     assert evidence.banned == (CHECKED,)
     assert [reply.peer_id for reply in evidence.replies] == [CHECKED, "v", "t"]
+
+
+def test_a_check_catches_a_lie_at_an_earlier_step_of_the_hop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    check = Check(honest, {"v": honest, "t": honest}, past=liar)
+    checker = check.run(monkeypatch)
+    assert check.failure is not None and check.failure.hop.peer_id == CHECKED
+    assert "position 0" in check.failure.reason
+    assert checker.evidence[0].banned == (CHECKED,)
 
 
 @pytest.mark.parametrize("verifier", [liar, nan], ids=["noisy", "nan"])
@@ -200,6 +219,17 @@ def test_no_other_server_means_no_check(monkeypatch: pytest.MonkeyPatch) -> None
     check = Check(liar, {}, {CHECKED: record(), "partial": record(3, 6)})
     checker = check.run(monkeypatch)
     assert check.asked == [] and check.failure is None and checker.evidence == []
+
+
+def test_verifiers_that_joined_after_the_map_was_read_are_found_by_a_fresh_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    check = Check(
+        liar, {"v": honest, "t": honest}, {CHECKED: record()}, joined=dict.fromkeys("vt", record())
+    )
+    check.run(monkeypatch)
+    assert check.router.fresh_reads == 1 and check.asked == ["v", "t"]
+    assert check.failure is not None and check.failure.hop.peer_id == CHECKED
 
 
 def test_fraction_zero_never_checks_and_bad_fractions_are_refused(

@@ -142,3 +142,30 @@ def test_valid_signatures_over_wrong_values_are_caught_by_spot_checks(outcome: O
     tolerance = TOLERANCES["float32"]
     assert relative_error(honest_a, honest_b) <= tolerance
     assert relative_error(checked.output, honest_a) > 10 * tolerance
+
+
+def test_a_single_lie_is_caught_by_a_later_spot_check(llama: ModelSource, prompt, tmp_path) -> None:
+    """A peer that lies at its third decode step only, with a quarter of steps checked: a check
+    re-runs the hop's whole sequence and compares every earlier token too (a check of the one
+    step alone would miss it three times in four; this one misses it with 0.75^38 < 2e-5)."""
+    with LocalSwarm(0, source=llama, workdir=tmp_path) as swarm:
+        first = swarm.start_peer("honest-first", (0, 3))
+        liar = swarm.start_peer("lies-once", (3, 6), launcher=launcher("noise-once"))
+        swarm.wait_until_ready(timeout=180)
+        with (
+            DistributedModelForCausalLM.from_pretrained(
+                str(llama.path), initial_peers=swarm.initial_peers, verify_fraction=0.25
+            ) as model,
+            model.inference_session(max_length=PROMPT_LENGTH + 40) as session,
+        ):
+            assert [hop.peer_id for hop in session.route] == [first.peer_id, liar.peer_id]
+            # two, so that a third answer settles who lied
+            verifiers = [swarm.start_peer(f"honest-verifier-{i}", (3, 6)) for i in range(2)]
+            swarm.wait_until_ready(timeout=180)
+            model.generate(prompt, session=session, max_new_tokens=40, eos_token_id=[])
+            evidence = list(session.evidence)
+            banned = model.bans.banned()
+    assert liar.peer_id in banned
+    assert not {first.peer_id, *(peer.peer_id for peer in verifiers)} & banned
+    (caught,) = evidence
+    assert caught.banned == (liar.peer_id,)

@@ -47,6 +47,8 @@ class InferenceSession:
         self.verifier = verifier  # spot-checks hops; a hop it outvotes fails over like any fault
         self.hops: list[HopStream] = []
         self.history: list[list[torch.Tensor]] = []  # per hop: the inputs sent, in order
+        # per hop: the outputs it returned for them (a spot-check compares all of them)
+        self.outputs: list[list[torch.Tensor]] = []
         # image prompts: the adapter the first hop must serve, and the images it was sent
         self.adapter = adapter
         self.images: ImageInputs | None = None
@@ -63,7 +65,9 @@ class InferenceSession:
         return self.verifier.evidence if self.verifier is not None else []
 
     async def open(self) -> None:
-        self.hops, self.history = await self._connect(0, self.router.num_blocks, history=None)
+        self.hops, self.history, self.outputs = await self._connect(
+            0, self.router.num_blocks, history=None
+        )
 
     async def step(
         self,
@@ -90,6 +94,7 @@ class InferenceSession:
         # whole chain has run it, so a step that fails half-way leaves no hop's history (and
         # no later replay) holding its tokens; the peers' caches are rewound by the next step
         accepted: list[torch.Tensor] = []
+        produced: list[torch.Tensor] = []
         index = 0
         while index < len(self.hops):
             first_hop_images = images if index == 0 else None
@@ -100,7 +105,9 @@ class InferenceSession:
                 output = await self.hops[index].step(hidden, position, first_hop_images)
                 if self.verifier is not None and not holds_images:
                     stream = self.hops[index]
-                    await self.verifier.check(stream, self.history[index], hidden, output, position)
+                    await self.verifier.check(
+                        stream, self.history[index], self.outputs[index], hidden, output, position
+                    )
             except HopFailure as failure:
                 self._penalise(failure)
                 await self._fail_over(index)
@@ -109,10 +116,13 @@ class InferenceSession:
                 phase = phase_of(hidden.shape[1])
                 self.profile.add_hop(self.hops[index].hop, phase, self.hops[index].last_timing)
             accepted.append(hidden)
+            produced.append(output)
             hidden = output
             index += 1
         for chunks, sent in zip(self.history, accepted, strict=True):
             chunks.append(sent)
+        for chunks, returned in zip(self.outputs, produced, strict=True):
+            chunks.append(returned)
         if images is not None:
             self.images = _merged(self.images, images)
         self.position = position + hidden.shape[1]
@@ -120,7 +130,7 @@ class InferenceSession:
 
     async def close(self) -> None:
         await asyncio.gather(*(stream.close() for stream in self.hops))
-        self.hops, self.history = [], []
+        self.hops, self.history, self.outputs = [], [], []
 
     def _penalise(self, failure: HopFailure) -> None:
         logger.warning("hop failed: %s", failure)
@@ -136,9 +146,12 @@ class InferenceSession:
         await failed.close()
         history = torch.cat(self.history[index], dim=1) if self.history[index] else None
         images = self.images if index == 0 else None
-        streams, histories = await self._connect(failed.hop.start, failed.hop.end, history, images)
+        streams, histories, outputs = await self._connect(
+            failed.hop.start, failed.hop.end, history, images
+        )
         self.hops[index : index + 1] = streams
         self.history[index : index + 1] = histories
+        self.outputs[index : index + 1] = outputs
 
     async def _connect(
         self,
@@ -146,10 +159,10 @@ class InferenceSession:
         end: int,
         history: torch.Tensor | None,
         images: ImageInputs | None = None,
-    ) -> tuple[list[HopStream], list[list[torch.Tensor]]]:
+    ) -> tuple[list[HopStream], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
         """Open streams over a route for ``[start, end)`` and replay ``history`` (with the
         first hop's ``images``) through them, retrying on failures within the failover budget.
-        Returns the streams and the inputs each has seen."""
+        Returns the streams, the inputs each has seen and the outputs it returned for them."""
         for attempt in range(self.max_failovers):
             route = await self.router.route(
                 start,
@@ -161,16 +174,18 @@ class InferenceSession:
             )
             streams = [HopStream(self.router.connection, hop, self.spec) for hop in route]
             histories: list[list[torch.Tensor]] = [[] for _ in streams]
+            outputs: list[list[torch.Tensor]] = [[] for _ in streams]
             try:
                 await _open_all(streams)
                 if history is not None:
                     logger.info("replaying %d tokens on %s", history.shape[1], route)
                     replay = history
-                    for stream, seen in zip(streams, histories, strict=True):
+                    for stream, seen, returned in zip(streams, histories, outputs, strict=True):
                         seen.append(replay)
                         replay = await stream.step(replay, 0, images)
+                        returned.append(replay)
                         images = None  # only the first of them holds block 0
-                return streams, histories
+                return streams, histories, outputs
             except HopFailure as failure:
                 self._penalise(failure)
                 await asyncio.gather(*(s.close() for s in streams))
@@ -181,9 +196,8 @@ class InferenceSession:
     def _rewind(self, position: int) -> None:
         if self.images is not None:  # raises, before any change, inside an image
             self.images = self.images.before(position)
-        for index, chunks in enumerate(self.history):
-            kept = torch.cat(chunks, dim=1)[:, :position] if chunks else None
-            self.history[index] = [kept] if kept is not None and kept.shape[1] else []
+        self.history = [_before(chunks, position) for chunks in self.history]
+        self.outputs = [_before(chunks, position) for chunks in self.outputs]
         self.position = position
 
 
@@ -193,6 +207,12 @@ async def _open_all(streams: list[HopStream]) -> None:
     for result in results:
         if isinstance(result, BaseException):
             raise result
+
+
+def _before(chunks: list[torch.Tensor], position: int) -> list[torch.Tensor]:
+    """The tokens of ``chunks`` (one per step, along dim 1) before ``position``."""
+    kept = torch.cat(chunks, dim=1)[:, :position] if chunks else None
+    return [kept] if kept is not None and kept.shape[1] else []
 
 
 def _merged(earlier: ImageInputs | None, later: ImageInputs) -> ImageInputs:

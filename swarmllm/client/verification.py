@@ -4,8 +4,11 @@ A signature proves which peer produced an output, not that the output is right: 
 sign wrong values. With ``verify_fraction`` F, each hop of each step is checked with
 probability F: the client sends everything that hop has received so far (a stateless
 ``forward``: the other peer holds no cache of the session) to another peer serving the same
-blocks, and compares the outputs for the step's new tokens: every token's output must lie
-within a relative distance (L2, ``TOLERANCES``) of the other peer's.
+blocks, and compares the outputs for every token so far, not only the step's new ones: each
+token's output must lie within a relative distance (L2, ``TOLERANCES``) of the other peer's.
+A check therefore covers every earlier step of the hop as well, so a peer that tampers with
+any step is caught by any later check: with F = 0.1, a lie at step s escapes with probability
+0.9^(steps after s), not 0.9 per lie.
 
 On a mismatch a third peer breaks the tie. Every peer whose answer agrees with no other answer
 is banned: the odd one out of three, or, when only two peers answered (no third one serves
@@ -18,7 +21,9 @@ kept as ``VerificationEvidence``.
 from __future__ import annotations
 
 import logging
+import math
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -50,6 +55,10 @@ TOLERANCES: dict[str, float] = {
 }
 
 
+# at most one new read of the coverage map per this many seconds, when no verifier is known
+FRESH_READ_PERIOD = 5.0
+
+
 @dataclass(frozen=True)
 class VerificationEvidence:
     """A spot-check that found disagreeing outputs, with every signed reply it compared."""
@@ -78,12 +87,17 @@ class VerificationEvidence:
         return "\n".join(lines)
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The largest ``|a_t - b_t| / max(|a_t|, |b_t|)`` over tokens ``t`` (L2 over the hidden
-    dimension; symmetric)."""
+def token_errors(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``|a_t - b_t| / max(|a_t|, |b_t|)`` for every token ``t`` (L2 over the hidden
+    dimension; symmetric): a tensor of the leading dimensions."""
     a, b = a.float(), b.float()
     scale = torch.maximum(a.norm(dim=-1), b.norm(dim=-1)).clamp(min=torch.finfo(torch.float32).tiny)
-    return float(((a - b).norm(dim=-1) / scale).max())
+    return (a - b).norm(dim=-1) / scale
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest of ``token_errors(a, b)``."""
+    return float(token_errors(a, b).max())
 
 
 def outliers(outputs: Mapping[str, torch.Tensor], tolerance: float) -> set[str]:
@@ -107,37 +121,44 @@ class SpotChecker:
         # unpredictable: a peer must not know which of its replies get checked, nor by whom
         self.rng = random.SystemRandom()
         self.evidence: list[VerificationEvidence] = []
+        self._fresh_read_at = -math.inf
 
     async def check(
         self,
         stream: HopStream,
         history: Sequence[torch.Tensor],
+        past_outputs: Sequence[torch.Tensor],
         hidden: torch.Tensor,
         output: torch.Tensor,
         position: int,
     ) -> None:
         """Maybe re-run the hop's inputs so far (``history`` then ``hidden``) elsewhere; raise
-        HopFailure when ``output`` is outvoted."""
+        HopFailure when the hop's outputs so far (``past_outputs`` then ``output``) are
+        outvoted."""
         if self.fraction == 0.0 or self.rng.random() >= self.fraction:
             return
         hop = stream.hop
-        records = await self._records(hop.start)
+        records = await self._records(hop.start, fresh=False)
         candidates = self._candidates(hop, records)
+        if not candidates and time.monotonic() - self._fresh_read_at >= FRESH_READ_PERIOD:
+            # a replica may have joined since the map was read (it is reused for 30 s)
+            self._fresh_read_at = time.monotonic()
+            records = await self._records(hop.start, fresh=True)
+            candidates = self._candidates(hop, records)
         if not candidates:
             logger.info(
                 "no other peer serves blocks %d-%d: not spot-checked", hop.start, hop.end - 1
             )
             return
         inputs = torch.cat([*history, hidden], dim=1)
-        new_tokens = hidden.shape[1]
-        answers = {hop.peer_id: output}
+        answers = {hop.peer_id: torch.cat([*past_outputs, output], dim=1)}
         replies: list[SignedReply] = []
         for peer_id in candidates:
             reply = await self._ask(Hop(peer_id, hop.start, hop.end), inputs, stream.spec)
             if reply is None:
                 continue
             replies.append(reply)
-            answers[peer_id] = reply.output[:, -new_tokens:]
+            answers[peer_id] = reply.output
             if not outliers(answers, tolerance_for(output.dtype, answers, records)):
                 return  # the verifier agrees (or a third peer settled a borderline case)
             if len(answers) == 3:
@@ -157,12 +178,17 @@ class SpotChecker:
         )
         self.evidence.append(evidence)
         logger.warning("%s", evidence.describe())
-        others = ", ".join(peer for peer in answers if peer != hop.peer_id)
+        others = [peer for peer in answers if peer != hop.peer_id]
         for peer_id in banned - {hop.peer_id}:
             self.router.bans.ban(peer_id, f"spot-check: its output disagrees with {hop.peer_id}")
         if hop.peer_id in banned:
+            tolerance = tolerance_for(output.dtype, answers, records)
+            errors = token_errors(answers[hop.peer_id], answers[others[0]]).amax(dim=0)
+            first = int((errors > tolerance).nonzero()[0, 0])  # it agrees with no other answer
             raise HopFailure(
-                hop, f"spot-check: its output at step {evidence.step} disagrees with {others}"
+                hop,
+                f"spot-check at step {evidence.step}: its output for position {first} disagrees "
+                f"with {', '.join(others)}",
             )
 
     async def _ask(self, hop: Hop, inputs: torch.Tensor, spec: SessionSpec) -> SignedReply | None:
@@ -207,10 +233,11 @@ class SpotChecker:
             usable.sort(key=lambda peer_id: records[peer_id].precision != checked.precision)
         return usable
 
-    async def _records(self, block: int) -> Mapping[str, PeerRecord]:
-        """Who announces ``block``, from the coverage map the router routes with."""
+    async def _records(self, block: int, fresh: bool) -> Mapping[str, PeerRecord]:
+        """Who announces ``block``, from the coverage map the router routes with (``fresh``:
+        read again now)."""
         try:
-            coverage, _ = await self.router.read_coverage(fresh=False)
+            coverage, _ = await self.router.read_coverage(fresh=fresh)
         except TimeoutError as e:
             logger.warning("cannot read the coverage map to find verifiers: %s", e)
             return {}
