@@ -4,6 +4,7 @@ after a rewind equal to a fresh prefill of only the kept tokens."""
 
 from __future__ import annotations
 
+import queue
 import signal
 from collections.abc import Iterator
 
@@ -12,7 +13,12 @@ import torch
 from streamers import AfterTokens
 from transformers import AutoModelForCausalLM
 
+from swarmllm.api import scheduler as scheduler_module
+from swarmllm.api.metrics import Metrics
+from swarmllm.api.prompts import Prompt
+from swarmllm.api.scheduler import Delta, Finished, Job, Scheduler
 from swarmllm.blocks.sources import ModelSource
+from swarmllm.client.generation import GenerationConfig, Speculation
 from swarmllm.client.model import ClientSession, DistributedModelForCausalLM
 from swarmllm.swarm import LocalSwarm
 
@@ -120,6 +126,57 @@ def test_a_session_continues_after_an_end_mid_round_as_without_drafts(model) -> 
     assert outputs["lookup"] == outputs["off"]
     turns, position, histories = outputs["lookup"]
     assert turns[0][-1] == stop_at and histories == [position] * hops
+
+
+class _Words:
+    """A stand-in tokenizer for the API's text (the tiny model has none): token i is "wi "."""
+
+    def decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"w{token} " for token in tokens)
+
+
+def test_the_api_scheduler_speculates_with_the_same_replies(model, reference, monkeypatch) -> None:
+    """Requests stepped together by the API's scheduler, with drafts: each reply is plain
+    greedy's, and drafts were accepted."""
+    made: list[Speculation] = []
+
+    class Recorded(Speculation):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(scheduler_module, "Speculation", Recorded)
+    model.__dict__["tokenizer"] = _Words()  # the cached property, for this module's model
+    scheduler = Scheduler(model, Metrics(), max_active=4)
+    scheduler.start()
+    events: dict[str, queue.Queue] = {name: queue.Queue() for name in PROMPTS}
+    try:
+        for name, prompt in PROMPTS.items():
+            settings = GenerationConfig.build(
+                model.generation_defaults,
+                max_new_tokens=NEW_TOKENS,
+                eos_token_id=[],
+                speculative="lookup",
+            )
+            scheduler.submit(Job(Prompt(prompt), settings, (), events[name].put))
+        for name, prompt in PROMPTS.items():
+            text, finished = "", None
+            while finished is None:
+                event = events[name].get(timeout=120)
+                if isinstance(event, Delta):
+                    text += event.text
+                else:
+                    finished = event
+            assert isinstance(finished, Finished) and finished.completion_tokens == NEW_TOKENS
+            with torch.inference_mode():
+                expected = reference.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+            assert text == _Words().decode(expected[0, prompt.shape[1] :].tolist())
+        assert len(made) == len(PROMPTS)
+        assert sum(s.stats.accepted for s in made) > 0
+        assert all(s.stats.rounds + s.stats.accepted == NEW_TOKENS for s in made)
+    finally:
+        scheduler.stop()
+        del model.__dict__["tokenizer"]
 
 
 def test_peer_caches_after_a_rewind_equal_a_fresh_prefill_of_the_kept_tokens(

@@ -9,8 +9,10 @@ drafts accepted; free text rarely finds a match and then decodes exactly as with
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the CLI reads the modes before it imports torch
+    import torch
 
 SPECULATIVE_MODES = ("off", "lookup", "draft")
 MAX_NGRAM, MIN_NGRAM = 3, 2  # a single-token match is too often chance to be worth a draft

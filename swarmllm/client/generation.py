@@ -25,7 +25,12 @@ import torch
 
 from swarmllm.blocks.head import ModelHead
 from swarmllm.blocks.vision import ImageInputs
-from swarmllm.client.drafting import DraftLength, PromptLookup, check_speculative
+from swarmllm.client.drafting import (
+    DraftLength,
+    PromptLookup,
+    SpeculationStats,
+    check_speculative,
+)
 from swarmllm.client.profile import measure, phase_of
 from swarmllm.client.sampling import SamplingParams, TokenSampler
 
@@ -101,6 +106,41 @@ class GenerationConfig:
         )
 
 
+class Speculation:
+    """Drafts and their verification for one sequence of one row (the API's requests use it
+    too): ``plan`` the drafts of a round, then ``tokens`` from the logits at every fed draft."""
+
+    def __init__(self, sampler: TokenSampler, mode: str, stats: SpeculationStats | None = None):
+        self.sampler = sampler
+        self.lookup = PromptLookup() if mode == "lookup" else None
+        self.length = DraftLength()
+        self.stats = stats if stats is not None else SpeculationStats()
+        self.drafts = torch.zeros(1, 0, dtype=torch.long)
+
+    def plan(self, history: torch.Tensor, room: int) -> torch.Tensor:
+        """This round's drafts [1, k] (k <= ``room``, maybe 0) to follow ``history`` [1, n]."""
+        self.drafts = history[:, :0]
+        # drafts need one position for every row: only one-row sequences speculate
+        if self.lookup is not None and history.shape[0] == 1:
+            limit = min(self.length.current, room)
+            self.drafts = self.lookup.propose(history[0], limit)[None]
+        return self.drafts
+
+    def tokens(self, history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The round's new tokens [rows, 1 + kept drafts] from ``logits`` [rows, k + 1, vocab]
+        at the last position before the drafts and at each draft."""
+        drafted = self.drafts.shape[1]
+        self.stats.rounds += 1
+        if not drafted:
+            return self.sampler(history, logits[:, 0])[:, None]
+        tokens, accepted = self.sampler.verify(history, logits, self.drafts)
+        kept = int(accepted[0])
+        self.length.update(drafted, kept)
+        self.stats.drafted += drafted
+        self.stats.accepted += kept
+        return tokens[:, : kept + 1]
+
+
 class _Sequence:
     """One session's part of a generation: what it must feed next (and the drafts that follow
     it), what it has made, and which of its rows have finished."""
@@ -122,11 +162,7 @@ class _Sequence:
         offset = self.history.shape[1] - prompt.shape[1]
         self.images = images.shifted(offset) if images is not None else None
         self.sampler = TokenSampler(settings.sampling)
-        # drafts need one position for every row: only one-row sessions speculate
-        speculate = settings.speculative == "lookup" and prompt.shape[0] == 1
-        self.lookup = PromptLookup() if speculate else None
-        self.draft_length = DraftLength()
-        self.drafts = self.history[:, :0]
+        self.speculation = Speculation(self.sampler, settings.speculative, session.speculation)
         self.streamer = streamer
         self.finished = torch.zeros(prompt.shape[0], dtype=torch.bool)
         self.generated: list[torch.Tensor] = []
@@ -137,37 +173,24 @@ class _Sequence:
     def done(self) -> bool:
         return bool(self.finished.all()) or len(self.generated) >= self.settings.max_new_tokens
 
+    @property
+    def drafts(self) -> torch.Tensor:
+        return self.speculation.drafts
+
     def plan(self) -> torch.Tensor:
         """The tokens of this round's step: what must be fed, then any drafts."""
-        self.drafts = self.history[:, :0]
-        if self.lookup is not None:
-            room = min(
-                self.draft_length.current,
-                self.settings.max_new_tokens - len(self.generated) - 1,  # the last one is free
-                self.session.max_length - self.session.position - self.to_feed.shape[1],
-            )
-            self.drafts = self.lookup.propose(self.history[0], room)[None]
-        return torch.cat([self.to_feed, self.drafts], dim=1)
+        room = min(
+            self.settings.max_new_tokens - len(self.generated) - 1,  # the last one needs none
+            self.session.max_length - self.session.position - self.to_feed.shape[1],
+        )
+        return torch.cat([self.to_feed, self.speculation.plan(self.history, room)], dim=1)
 
     def accept(
         self, logits: torch.Tensor, eos: torch.Tensor, decode: Callable[[torch.Tensor], list[str]]
     ) -> None:
         """Take this round's tokens from ``logits`` [rows, drafts + 1, vocab] and rewind the
         session to the last one of them (which, as in plain decoding, it does not hold yet)."""
-        drafted = self.drafts.shape[1]
-        if drafted:
-            tokens, accepted = self.sampler.verify(self.history, logits, self.drafts)
-            kept = int(accepted[0])
-            self.draft_length.update(drafted, kept)
-        else:
-            tokens, kept = self.sampler(self.history, logits[:, 0])[:, None], 0
-        stats = self.session.speculation
-        stats.rounds, stats.drafted, stats.accepted = (
-            stats.rounds + 1,
-            stats.drafted + drafted,
-            stats.accepted + kept,
-        )
-        for column in tokens[:, : kept + 1].unbind(dim=1):
+        for column in self.speculation.tokens(self.history, logits).unbind(dim=1):
             self._take(column, eos, decode)
             if self.done:
                 break

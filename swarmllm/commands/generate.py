@@ -85,8 +85,12 @@ def generate(args: argparse.Namespace) -> None:
             elapsed = time.perf_counter() - started
             report_evidence(session)
         new_tokens = output.shape[1] - input_ids.shape[1]
+        speculation = ""
+        if config["speculative"] != "off":
+            speculation = f"; speculative: {session.speculation.format()}"
         print(
-            f"{new_tokens} tokens in {elapsed:.2f} s ({new_tokens / elapsed:.1f} tokens/s)",
+            f"{new_tokens} tokens in {elapsed:.2f} s ({new_tokens / elapsed:.1f} tokens/s"
+            f"{speculation})",
             file=sys.stderr,
         )
         if model.profile is not None:
