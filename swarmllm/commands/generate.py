@@ -48,7 +48,8 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="print to stderr where each step's time went (client, each hop's compute, network)",
+        help="print to stderr where each step's time went (client, each hop's compute, network) "
+        "and how many drafts the swarm accepted",
     )
     parser.set_defaults(handler=generate)
 
@@ -85,13 +86,11 @@ def generate(args: argparse.Namespace) -> None:
             elapsed = time.perf_counter() - started
             report_evidence(session)
         new_tokens = output.shape[1] - input_ids.shape[1]
-        speculation = ""
-        if config["speculative"] != "off":
-            speculation = f"; speculative: {session.speculation.format()}"
         print(
-            f"{new_tokens} tokens in {elapsed:.2f} s ({new_tokens / elapsed:.1f} tokens/s"
-            f"{speculation})",
+            f"{new_tokens} tokens in {elapsed:.2f} s ({new_tokens / elapsed:.1f} tokens/s)",
             file=sys.stderr,
         )
         if model.profile is not None:
             print(f"\n{model.profile.format()}", file=sys.stderr)
+            if config["speculative"] != "off":
+                print(f"speculative: {session.speculation.format()}", file=sys.stderr)
