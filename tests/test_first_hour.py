@@ -163,7 +163,8 @@ print(model.generate_text("What is the capital of France?", max_new_tokens=8))
 
 def test_cli_sampling_flags_sample_as_the_api_does(swarm, model):
     question = "Name a colour."
-    settings = dict(top_k=50, seed=3, max_new_tokens=12)
+    # the CLI drafts by default (--speculative lookup); a seed's sample depends on that too
+    settings = dict(top_k=50, seed=3, max_new_tokens=12, speculative="lookup")
     api = model.generate_text(question, **settings)
     assert api != model.generate_text(question, max_new_tokens=12)  # it did sample
     result = run_cli(

@@ -8,7 +8,9 @@ hidden states and samples each request's token with that request's own settings.
 that finishes, fails or is cancelled (its HTTP client went away) leaves between two rounds and
 its session is closed on the peers at once; a new request joins at the next round. A new
 request's prompt pass runs in the round it joins, so that round's tokens of the others wait for
-it (there is no chunked prefill).
+it (there is no chunked prefill). With ``swarmllm api --speculative lookup`` a request's step may
+carry draft tokens after its new one and give several tokens (``client.generation``); peers run
+such a step alone rather than in the batch.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from swarmllm.api.prompts import Prompt
 from swarmllm.api.text import TextStream
 from swarmllm.blocks.vision import ImageInputs
-from swarmllm.client.generation import GenerationConfig
+from swarmllm.client.generation import GenerationConfig, Speculation
 from swarmllm.client.sampling import TokenSampler
 from swarmllm.client.session import InferenceSession
 from swarmllm.protocol import WIRE_DTYPES
@@ -101,6 +103,7 @@ class _Generation:
         self.history = job.prompt.ids
         self.to_feed = job.prompt.ids
         self.sampler = TokenSampler(job.settings.sampling)
+        self.speculation = Speculation(self.sampler, job.settings.speculative)
         self.text = TextStream(decode, job.stop)
         self.generated = 0
         self.opened = False
@@ -114,23 +117,43 @@ class _Generation:
         wire_images = images.to(hidden.dtype) if images is not None else None
         return await self.session.step(hidden, images=wire_images)
 
-    def accept(self, logits: torch.Tensor, eos: frozenset[int]) -> int:
-        """Sample the next token from ``logits`` [1, vocab], emit its text; returns it."""
-        token = int(self.sampler(self.history, logits)[0])
+    def plan(self) -> torch.Tensor:
+        """This round's tokens: what must be fed, then any drafts (``speculative``)."""
+        room = min(
+            self.job.settings.max_new_tokens - self.generated - 1,
+            self.session.spec.max_length - self.session.position - self.to_feed.shape[1],
+        )
+        return torch.cat([self.to_feed, self.speculation.plan(self.history, room)], dim=1)
+
+    def accept_round(self, logits: torch.Tensor, eos: frozenset[int]) -> int:
+        """Take the round's tokens from ``logits`` [1, drafts + 1, vocab] (see
+        ``client.generation``), rewind the session to the last; returns how many."""
+        tokens = self.speculation.tokens(self.history, logits)[0].tolist()
+        taken = 0
+        for token in tokens:
+            self.accept(token, eos)
+            taken += 1
+            if self.done:
+                break
+        self.to_feed = self.history[:, -1:]
+        if self.session.position > self.history.shape[1] - 1:
+            self.session.rewind(self.history.shape[1] - 1)
+        return taken
+
+    def accept(self, token: int, eos: frozenset[int]) -> None:
+        """Add ``token`` to the reply, emit its text."""
         self.generated += 1
         self.history = torch.cat([self.history, self.history.new_tensor([[token]])], dim=1)
-        self.to_feed = self.history[:, -1:]
         if token in eos:
             self._emit(self.text.flush())
             self.finish("stop")
-            return token
+            return
         self._emit(self.text.push(token))
         if self.text.stopped:
             self.finish("stop")
         elif self.generated >= self.job.settings.max_new_tokens:
             self._emit(self.text.flush())
             self.finish("length")
-        return token
 
     def finish(self, reason: str) -> None:
         self.done = True
@@ -244,7 +267,7 @@ class Scheduler:
     def _round(self) -> None:
         model, head = self.model, self.model.head
         active = list(self._active)
-        inputs = [head.embed(g.to_feed).to(self._wire) for g in active]
+        inputs = [head.embed(g.plan()).to(self._wire) for g in active]
         outputs = model.connection.run(
             _settle([g.step(x) for g, x in zip(active, inputs, strict=True)]), ROUND_TIMEOUT
         )
@@ -257,15 +280,19 @@ class Scheduler:
                 stepped.append((generation, output))
         if not stepped:
             return
-        last = torch.cat([output[:, -1] for _, output in stepped]).to(head.lm_head.weight.dtype)
-        logits = head.logits(last)
+        # the last position fed and every draft's
+        widths = [generation.speculation.drafts.shape[1] + 1 for generation, _ in stepped]
+        last = torch.cat(
+            [output[0, -width:] for (_, output), width in zip(stepped, widths, strict=True)]
+        )
+        logits = head.logits(last.to(head.lm_head.weight.dtype)).split(widths)
         now = time.perf_counter()
-        for (generation, _), row in zip(stepped, logits, strict=True):
+        for (generation, _), rows in zip(stepped, logits, strict=True):
             if generation.job.cancelled.is_set():
                 continue
             first = generation.generated == 0
-            generation.accept(row[None], generation.job.settings.eos_token_ids)
-            self.metrics.completion_tokens.inc()
+            taken = generation.accept_round(rows[None], generation.job.settings.eos_token_ids)
+            self.metrics.completion_tokens.inc(taken)
             if first:
                 self.metrics.time_to_first_token.observe(now - generation.job.submitted)
             if generation.done:

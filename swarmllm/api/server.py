@@ -33,6 +33,7 @@ from swarmllm.api.scheduler import MAX_ACTIVE, Delta, Event, Failed, Finished, J
 from swarmllm.api.schemas import ChatCompletionRequest, CompletionRequest
 from swarmllm.api.swarm_view import coverage_problem, swarm_status
 from swarmllm.blocks.vision import ImageError
+from swarmllm.client.drafting import check_speculative
 from swarmllm.client.generation import GenerationConfig
 from swarmllm.client.model import DistributedModelForCausalLM
 from swarmllm.client.routing import NoRouteError
@@ -64,8 +65,10 @@ class ApiState:
         api_keys: Sequence[str],
         metrics: Metrics,
         max_active: int = MAX_ACTIVE,
+        speculative: str = "off",
     ):
         self.model, self.api_keys, self.metrics = model, tuple(api_keys), metrics
+        self.speculative = speculative  # for every request (see client.generation)
         self.scheduler = Scheduler(model, metrics, max_active)
         model.tokenizer  # noqa: B018 - loaded once here, not by two threads at first use
         self.names = {model.source.name, model.model_id}
@@ -99,10 +102,12 @@ def create_app(
     model: DistributedModelForCausalLM,
     api_keys: Sequence[str] = (),
     max_active: int = MAX_ACTIVE,
+    speculative: str = "off",
 ) -> FastAPI:
     """The server in front of ``model``'s swarm; starts and stops its scheduler with the app.
-    ``max_active`` requests are generated together; later ones queue."""
-    state = ApiState(model, api_keys, Metrics(), max_active)
+    ``max_active`` requests are generated together; later ones queue. ``speculative``: how
+    every request decodes ("off" or "lookup")."""
+    state = ApiState(model, api_keys, Metrics(), max_active, check_speculative(speculative))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -169,6 +174,7 @@ def serve(
     port: int = 8000,
     api_keys: Sequence[str] = (),
     max_active: int = MAX_ACTIVE,
+    speculative: str = "off",
 ) -> None:
     """Serve until SIGINT or SIGTERM. uvicorn shuts down gracefully on either, then raises the
     signal again under the handler it found: for SIGTERM that must be a no-op, so that this
@@ -177,7 +183,7 @@ def serve(
 
     previous = signal.signal(signal.SIGTERM, _ignore)
     try:
-        app = create_app(model, api_keys, max_active)
+        app = create_app(model, api_keys, max_active, speculative)
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -224,6 +230,7 @@ def _settings(
     model: DistributedModelForCausalLM,
     body: ChatCompletionRequest | CompletionRequest,
     prompt_len: int,
+    speculative: str = "off",
 ) -> GenerationConfig:
     prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     if prompt_len > PEER_LIMITS.max_tokens_per_message:
@@ -266,6 +273,7 @@ def _settings(
         temperature=1.0 if greedy else temperature,
         top_p=None if greedy else body.top_p,
         seed=body.seed,
+        speculative=speculative,
     )
 
 
@@ -276,7 +284,7 @@ async def _complete(
     prompt: Prompt,
     shape: Shape,
 ) -> Response:
-    settings = _settings(state.model, body, prompt.ids.shape[1])
+    settings = _settings(state.model, body, prompt.ids.shape[1], state.speculative)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
 

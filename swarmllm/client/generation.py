@@ -4,6 +4,14 @@ Each sequence has its own inference session (its own streams and caches on the p
 step sends all unfinished sequences' tokens concurrently, so each peer receives them together
 and runs them as one batched forward; the client then runs the LM head once over every
 sequence's last hidden state. A sequence that finishes leaves the batch; the others go on.
+
+With speculative decoding (``speculative="lookup"``, one-row sessions) a round sends the new
+token followed by draft tokens in one step, the LM head runs at every one of those positions,
+and the sampler keeps the longest prefix of drafts the model agrees with plus one token of its
+own (``TokenSampler.verify``). The session then rewinds to the last kept token: its per-hop
+history (what a failover replays) at once, the peers' caches at the next step, whose position
+tells them where to cut. Every round thus gives one to k + 1 tokens for one trip through the
+chain, and the tokens are those (greedy) or distributed as those (sampling) of plain decoding.
 """
 
 from __future__ import annotations
@@ -17,6 +25,12 @@ import torch
 
 from swarmllm.blocks.head import ModelHead
 from swarmllm.blocks.vision import ImageInputs
+from swarmllm.client.drafting import (
+    DraftLength,
+    PromptLookup,
+    SpeculationStats,
+    check_speculative,
+)
 from swarmllm.client.profile import measure, phase_of
 from swarmllm.client.sampling import SamplingParams, TokenSampler
 
@@ -31,6 +45,7 @@ class GenerationConfig:
     eos_token_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     pad_token_id: int = 0
+    speculative: str = "off"
 
     @classmethod
     def build(
@@ -46,13 +61,15 @@ class GenerationConfig:
         seed: int | None = None,
         eos_token_id: int | Iterable[int] | None = None,
         stop_strings: str | Iterable[str] | None = None,
+        speculative: str = "off",
     ) -> GenerationConfig:
         """Settings for one ``generate`` call; the ``swarmllm`` command decides the same way.
 
         Greedy unless sampling is asked for: ``do_sample`` defaults to True when a
         temperature, top-k or top-p is given; temperature 0 means greedy. A ``seed`` without
         sampling is an error rather than silently unused. ``eos_token_id`` defaults to the
-        model's (``[]``: none)."""
+        model's (``[]``: none). ``speculative``: "off" or "lookup" (see the module)."""
+        check_speculative(speculative)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature is not None and temperature < 0:
@@ -85,12 +102,48 @@ class GenerationConfig:
             eos_token_ids=eos_ids,
             stop_strings=tuple(stop_strings or ()),
             pad_token_id=pad,
+            speculative=speculative,
         )
 
 
+class Speculation:
+    """Drafts and their verification for one sequence of one row (the API's requests use it
+    too): ``plan`` the drafts of a round, then ``tokens`` from the logits at every fed draft."""
+
+    def __init__(self, sampler: TokenSampler, mode: str, stats: SpeculationStats | None = None):
+        self.sampler = sampler
+        self.lookup = PromptLookup() if mode == "lookup" else None
+        self.length = DraftLength()
+        self.stats = stats if stats is not None else SpeculationStats()
+        self.drafts = torch.zeros(1, 0, dtype=torch.long)
+
+    def plan(self, history: torch.Tensor, room: int) -> torch.Tensor:
+        """This round's drafts [1, k] (k <= ``room``, maybe 0) to follow ``history`` [1, n]."""
+        self.drafts = history[:, :0]
+        # drafts need one position for every row: only one-row sequences speculate
+        if self.lookup is not None and history.shape[0] == 1:
+            limit = min(self.length.current, room)
+            self.drafts = self.lookup.propose(history[0], limit)[None]
+        return self.drafts
+
+    def tokens(self, history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The round's new tokens [rows, 1 + kept drafts] from ``logits`` [rows, k + 1, vocab]
+        at the last position before the drafts and at each draft."""
+        drafted = self.drafts.shape[1]
+        self.stats.rounds += 1
+        if not drafted:
+            return self.sampler(history, logits[:, 0])[:, None]
+        tokens, accepted = self.sampler.verify(history, logits, self.drafts)
+        kept = int(accepted[0])
+        self.length.update(drafted, kept)
+        self.stats.drafted += drafted
+        self.stats.accepted += kept
+        return tokens[:, : kept + 1]
+
+
 class _Sequence:
-    """One session's part of a generation: what it must feed next, what it has made, and
-    which of its rows have finished."""
+    """One session's part of a generation: what it must feed next (and the drafts that follow
+    it), what it has made, and which of its rows have finished."""
 
     def __init__(
         self,
@@ -109,6 +162,7 @@ class _Sequence:
         offset = self.history.shape[1] - prompt.shape[1]
         self.images = images.shifted(offset) if images is not None else None
         self.sampler = TokenSampler(settings.sampling)
+        self.speculation = Speculation(self.sampler, settings.speculative, session.speculation)
         self.streamer = streamer
         self.finished = torch.zeros(prompt.shape[0], dtype=torch.bool)
         self.generated: list[torch.Tensor] = []
@@ -119,10 +173,34 @@ class _Sequence:
     def done(self) -> bool:
         return bool(self.finished.all()) or len(self.generated) >= self.settings.max_new_tokens
 
+    @property
+    def drafts(self) -> torch.Tensor:
+        return self.speculation.drafts
+
+    def plan(self) -> torch.Tensor:
+        """The tokens of this round's step: what must be fed, then any drafts."""
+        room = min(
+            self.settings.max_new_tokens - len(self.generated) - 1,  # the last one needs none
+            self.session.max_length - self.session.position - self.to_feed.shape[1],
+        )
+        return torch.cat([self.to_feed, self.speculation.plan(self.history, room)], dim=1)
+
     def accept(
         self, logits: torch.Tensor, eos: torch.Tensor, decode: Callable[[torch.Tensor], list[str]]
     ) -> None:
-        tokens = self.sampler(self.history, logits)
+        """Take this round's tokens from ``logits`` [rows, drafts + 1, vocab] and rewind the
+        session to the last one of them (which, as in plain decoding, it does not hold yet)."""
+        for column in self.speculation.tokens(self.history, logits).unbind(dim=1):
+            self._take(column, eos, decode)
+            if self.done:
+                break
+        self.to_feed = self.history[:, -1:]
+        if self.session.position > self.history.shape[1] - 1:
+            self.session.rewind(self.history.shape[1] - 1)
+
+    def _take(
+        self, tokens: torch.Tensor, eos: torch.Tensor, decode: Callable[[torch.Tensor], list[str]]
+    ) -> None:
         tokens = torch.where(self.finished, self.settings.pad_token_id, tokens)
         self.generated.append(tokens)
         self.history = torch.cat([self.history, tokens[:, None]], dim=1)
@@ -133,7 +211,6 @@ class _Sequence:
             texts = decode(torch.stack(self.generated, dim=1))
             stops = self.settings.stop_strings
             self.finished |= torch.tensor([any(s in text for s in stops) for text in texts])
-        self.to_feed = tokens[:, None]
 
     def finish(self) -> torch.Tensor:
         if self.streamer is not None:
@@ -171,23 +248,35 @@ def generate_tokens(
     eos = torch.tensor(sorted(settings.eos_token_ids), dtype=torch.long)
     active = sequences
     while active:
-        phase = phase_of(max(seq.to_feed.shape[1] for seq in active))
+        feeds = [seq.plan() for seq in active]
+        phases = [
+            phase_of(feed.shape[1], seq.drafts.shape[1])
+            for seq, feed in zip(active, feeds, strict=True)
+        ]
+        phase = next((name for name in ("prefill", "verify") if name in phases), "decode")
         with measure(profile, phase, "embed"):
-            inputs = [head.embed(seq.to_feed) for seq in active]
+            inputs = [head.embed(feed) for feed in feeds]
         with measure(profile, phase, "swarm"):
             steps = [
-                seq.session.step_async(x, images=seq.images)
-                for seq, x in zip(active, inputs, strict=True)
+                seq.session.step_async(x, images=seq.images, phase=seq_phase)
+                for seq, x, seq_phase in zip(active, inputs, phases, strict=True)
             ]
             outputs = connection.run(gather_or_cancel(*steps))
         for seq in active:
             seq.images = None  # the caches hold the image tokens now
         with measure(profile, phase, "head"):
-            last = torch.cat([output[:, -1] for output in outputs])
-            logits = head.logits(last).split([seq.prompt.shape[0] for seq in active])
+            # the last position of what was fed, and every draft's
+            shapes = [(seq.prompt.shape[0], seq.drafts.shape[1] + 1) for seq in active]
+            last = torch.cat(
+                [
+                    output[:, -width:].reshape(rows * width, -1)
+                    for output, (rows, width) in zip(outputs, shapes, strict=True)
+                ]
+            )
+            logits = head.logits(last).split([rows * width for rows, width in shapes])
         with measure(profile, phase, "sampling"):
-            for seq, rows in zip(active, logits, strict=True):
-                seq.accept(rows, eos, decode)
+            for seq, rows, (count, width) in zip(active, logits, shapes, strict=True):
+                seq.accept(rows.reshape(count, width, -1), eos, decode)
         active = [seq for seq in active if not seq.done]
     return [seq.finish() for seq in sequences]
 

@@ -27,6 +27,7 @@ from swarmllm.blocks.vision_factory import load_image_encoder
 from swarmllm.client.bans import BanList
 from swarmllm.client.chat import ChatSession
 from swarmllm.client.connection import SwarmConnection
+from swarmllm.client.drafting import SpeculationStats
 from swarmllm.client.generation import GenerationConfig, gather_or_cancel, generate_tokens
 from swarmllm.client.hop import SessionSpec
 from swarmllm.client.profile import Profile, measure, phase_of
@@ -49,6 +50,7 @@ class ClientSession:
     def __init__(self, model: DistributedModelForCausalLM, session: InferenceSession):
         self.model, self._session = model, session
         self.token_ids: torch.Tensor | None = None  # every token fed so far, for penalties
+        self.speculation = SpeculationStats()  # of speculative decoding on this session
 
     @property
     def position(self) -> int:
@@ -57,6 +59,18 @@ class ClientSession:
     @property
     def route(self) -> list[Hop]:
         return self._session.route
+
+    @property
+    def max_length(self) -> int:
+        return self._session.spec.max_length
+
+    @property
+    def batch(self) -> int:
+        return self._session.spec.batch
+
+    def rewind(self, position: int) -> None:
+        """Forget every token from ``position`` on; the peers drop them at the next step."""
+        self._session.rewind(position)
 
     @property
     def profile(self) -> Profile | None:
@@ -83,11 +97,12 @@ class ClientSession:
         hidden: torch.Tensor,
         position: int | None = None,
         images: ImageInputs | None = None,
+        phase: str | None = None,
     ) -> torch.Tensor:
         """``step`` on the connection's loop, to step several sessions together."""
         dtype = WIRE_DTYPES[self._session.spec.wire_dtype]
         wire_images = images.to(dtype) if images is not None else None
-        output = await self._session.step(hidden.to(dtype), position, wire_images)
+        output = await self._session.step(hidden.to(dtype), position, wire_images, phase)
         return output.to(hidden.dtype)
 
     def close(self) -> None:
@@ -272,7 +287,9 @@ class DistributedModelForCausalLM:
         features leave the client, for the first hop's adapter.
 
         ``config`` takes max_new_tokens, do_sample, temperature, top_k, top_p,
-        repetition_penalty, seed, eos_token_id and stop_strings. With ``session`` the prompt
+        repetition_penalty, seed, eos_token_id, stop_strings and speculative ("off", the
+        default, or "lookup": drafts from the context, verified several per step; the same
+        greedy tokens, the same distribution when sampling). With ``session`` the prompt
         continues that session (multi-turn chat: pass only the new turn's tokens).
         ``streamer`` is any transformers streamer (``put``/``end``), e.g. ``TextStreamer``.
         """

@@ -2,7 +2,8 @@
 what the peer reports in its reply: ``compute_ms`` (its forward pass), ``queue_ms`` (waiting for
 it), ``peer_ms`` (its whole handling of the step) and ``batch`` (sessions in that pass).
 
-Steps are split into phases: ``prefill`` (a step of several tokens) and ``decode`` (one token).
+Steps are split into phases: ``prefill`` (a step of several tokens), ``decode`` (one token) and
+``verify`` (one new token followed by draft tokens, in speculative decoding).
 A hop's round trip splits into compute + queue + peer overhead (checking, signing, encoding)
 + transport (the rest: both P2P daemons, the sockets, the client's own decoding and checks).
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from swarmllm.client.routing import Hop
 
-PHASES = ("prefill", "decode")
+PHASES = ("prefill", "decode", "verify")
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,11 @@ class _HopTotals:
         }
 
 
-def phase_of(num_tokens: int) -> str:
-    return "decode" if num_tokens == 1 else "prefill"
+def phase_of(num_tokens: int, drafts: int = 0) -> str:
+    """The phase of a step of ``num_tokens`` tokens, ``drafts`` of them draft tokens."""
+    if num_tokens - drafts > 1:
+        return "prefill"
+    return "verify" if drafts else "decode"
 
 
 class Profile:

@@ -1,4 +1,5 @@
-"""Choosing the next token from logits with transformers' own logits processors."""
+"""Choosing the next token from logits with transformers' own logits processors, and
+verifying draft tokens (speculative decoding) so that the output distribution is unchanged."""
 
 from __future__ import annotations
 
@@ -62,3 +63,54 @@ class TokenSampler:
             return scores.argmax(dim=-1)
         probs = torch.softmax(scores, dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
+
+    def verify(
+        self, token_ids: torch.Tensor, logits: torch.Tensor, drafts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check ``drafts`` [batch, k] that followed ``token_ids`` against the model's
+        ``logits`` [batch, k + 1, vocab] at the last context position and at each draft.
+
+        Returns ``tokens`` [batch, k + 1] and ``accepted`` [batch]: row r's output is
+        ``tokens[r, : accepted[r] + 1]`` (its first ``accepted[r]`` entries are the accepted
+        drafts; entries after that are -1). Position i is processed exactly as ``__call__``
+        would after the context plus drafts ``[: i]``; greedy accepts a draft that is the
+        argmax, sampling uses the speculative acceptance rule (``accept_or_resample``), so the
+        tokens are distributed as without drafts."""
+        batch, k = drafts.shape
+        tokens = torch.full((batch, k + 1), -1, dtype=torch.long)
+        accepted = torch.full((batch,), k, dtype=torch.long)
+        undecided = torch.ones(batch, dtype=torch.bool)  # rows with every draft so far accepted
+        for i in range(k + 1):
+            context = torch.cat([token_ids, drafts[:, :i]], dim=1)
+            if i == k:
+                tokens[:, i] = torch.where(undecided, self(context, logits[:, i]), -1)
+                break
+            scores = self.processors(context, logits[:, i].float())
+            if self.params.do_sample:
+                probs = torch.softmax(scores, dim=-1)
+                chosen, ok = accept_or_resample(probs, drafts[:, i], self.generator)
+            else:
+                chosen = scores.argmax(dim=-1)
+                ok = chosen == drafts[:, i]
+            tokens[:, i] = torch.where(undecided, chosen, -1)
+            accepted = torch.where(undecided & ~ok, i, accepted)
+            undecided &= ok
+            if not undecided.any():
+                break
+        return tokens, accepted
+
+
+def accept_or_resample(
+    probs: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative acceptance rule for a deterministic draft (its proposal is one-hot):
+    accept draft x with probability p(x), else sample from p without x, renormalised. The
+    result is distributed as p whatever x is. ``probs`` [batch, vocab], ``drafts`` [batch];
+    returns the tokens [batch] and whether each row accepted its draft."""
+    drafted = probs.gather(1, drafts[:, None]).squeeze(1)
+    accepted = torch.rand(drafts.shape, generator=generator) < drafted
+    residual = probs.scatter(1, drafts[:, None], 0.0)
+    # a draft holding all the mass is always accepted; its row's (empty) residual is unused
+    residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, probs)
+    resampled = torch.multinomial(residual, num_samples=1, generator=generator).squeeze(1)
+    return torch.where(accepted, drafts, resampled), accepted

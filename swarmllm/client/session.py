@@ -74,10 +74,12 @@ class InferenceSession:
         hidden: torch.Tensor,
         position: int | None = None,
         images: ImageInputs | None = None,
+        phase: str | None = None,
     ) -> torch.Tensor:
         """Run ``hidden`` [batch, tokens, hidden] through every hop, starting at ``position``
         (default: right after the previous step; an earlier position rewinds). ``images``
-        (absolute positions, in the wire dtype) go to the first hop's adapter."""
+        (absolute positions, in the wire dtype) go to the first hop's adapter. ``phase``
+        names the step in the profile (default: by its number of tokens)."""
         position = self.position if position is None else position
         if images is not None and self.adapter is None:
             raise ValueError("images need a session opened with the adapter of the image encoder")
@@ -89,7 +91,7 @@ class InferenceSession:
                 f"{self.spec.max_length}"
             )
         if position < self.position:
-            self._rewind(position)
+            self.rewind(position)
         # the inputs each hop accepted in this step: committed to the history only once the
         # whole chain has run it, so a step that fails half-way leaves no hop's history (and
         # no later replay) holding its tokens; the peers' caches are rewound by the next step
@@ -113,8 +115,11 @@ class InferenceSession:
                 await self._fail_over(index)
                 continue  # retry this step on the replacement
             if self.profile is not None and self.hops[index].last_timing is not None:
-                phase = phase_of(hidden.shape[1])
-                self.profile.add_hop(self.hops[index].hop, phase, self.hops[index].last_timing)
+                self.profile.add_hop(
+                    self.hops[index].hop,
+                    phase or phase_of(hidden.shape[1]),
+                    self.hops[index].last_timing,
+                )
             accepted.append(hidden)
             produced.append(output)
             hidden = output
@@ -193,7 +198,11 @@ class InferenceSession:
             f"blocks {start}-{end - 1}: no working peer after {self.max_failovers} attempts"
         )
 
-    def _rewind(self, position: int) -> None:
+    def rewind(self, position: int) -> None:
+        """Forget every token from ``position`` on (rejected drafts): the history a failover
+        replays loses them now, the peers' caches at the next step (sent at ``position``)."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind a session of {self.position} tokens to {position}")
         if self.images is not None:  # raises, before any change, inside an image
             self.images = self.images.before(position)
         self.history = [_before(chunks, position) for chunks in self.history]

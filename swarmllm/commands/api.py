@@ -8,6 +8,11 @@ import os
 from collections.abc import Sequence
 
 from swarmllm.commands.arguments import multiaddr, port, positive_int
+from swarmllm.commands.client_options import add_speculative_option, speculative_mode
+
+# a server steps many requests together: peers batch single-token steps across sessions, but
+# run a step with drafts alone, so drafting is for servers of few, latency-bound users
+DEFAULT_SERVER_SPECULATIVE = "off"
 
 API_KEYS_ENV = "SWARMLLM_API_KEYS"  # comma-separated, for keys that should not sit in `ps`
 
@@ -48,6 +53,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, port_flag: str = "--po
         help=f"accept only requests with 'Authorization: Bearer KEY' (repeatable; also "
         f"${API_KEYS_ENV}, comma-separated); default: no key needed",
     )
+    add_speculative_option(parser, DEFAULT_SERVER_SPECULATIVE)
 
 
 def api_keys(flags: Sequence[str]) -> list[str]:
@@ -66,6 +72,7 @@ def run_api(args: argparse.Namespace) -> None:
         args.port,
         api_keys(args.api_key),
         step_timeout=args.timeout,
+        speculative=speculative_mode(args),
     )
 
 
@@ -77,6 +84,7 @@ def serve_swarm(
     keys: Sequence[str],
     max_active: int = 8,
     step_timeout: float = 10.0,
+    speculative: str = DEFAULT_SERVER_SPECULATIVE,
 ) -> None:
     """Join the swarm as a client and serve HTTP until SIGINT/SIGTERM."""
     from swarmllm.api.server import serve
@@ -90,4 +98,4 @@ def serve_swarm(
             f"swarmllm api: {model.source.name} on http://{shown}:{port}/ (OpenAI API at /v1)",
             flush=True,
         )
-        serve(model, host, port, keys, max_active)
+        serve(model, host, port, keys, max_active, speculative)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from swarmllm.client.drafting import SPECULATIVE_MODES, check_speculative
 from swarmllm.commands.arguments import (
     fraction,
     peer_multiaddr,
@@ -16,6 +17,8 @@ from swarmllm.commands.arguments import (
 )
 from swarmllm.commands.parsing import UsageError
 from swarmllm.precisions import PRECISIONS
+
+DEFAULT_SPECULATIVE = "lookup"  # see the README's "Speculative decoding"
 
 SAMPLING_HELP = (
     "sampling: greedy unless --temperature, --top-k or --top-p is given (as in the Python "
@@ -93,6 +96,28 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) -
         metavar="STRING",
         help="end the answer where STRING appears (repeatable)",
     )
+    add_speculative_option(group, DEFAULT_SPECULATIVE)
+
+
+def add_speculative_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str
+) -> None:
+    parser.add_argument(
+        "--speculative",
+        choices=SPECULATIVE_MODES,
+        default=default,
+        help="speculative decoding: 'lookup' drafts tokens from the context (no extra model) and "
+        "the swarm verifies several per step; the same greedy tokens, the same sampling "
+        f"distribution; 'draft' (a local draft model) is not built yet (default {default})",
+    )
+
+
+def speculative_mode(args: argparse.Namespace) -> str:
+    """The ``--speculative`` mode, refused before joining the swarm if this client lacks it."""
+    try:
+        return check_speculative(args.speculative)
+    except ValueError as e:
+        raise UsageError(f"--speculative: {e}") from None
 
 
 def sampling_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,6 +129,7 @@ def sampling_config(args: argparse.Namespace) -> dict[str, Any]:
             config[name] = getattr(args, name)
     if args.stop:
         config["stop_strings"] = list(args.stop)
+    config["speculative"] = speculative_mode(args)
     return config
 
 

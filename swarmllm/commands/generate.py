@@ -48,7 +48,8 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="print to stderr where each step's time went (client, each hop's compute, network)",
+        help="print to stderr where each step's time went (client, each hop's compute, network) "
+        "and how many drafts the swarm accepted",
     )
     parser.set_defaults(handler=generate)
 
@@ -91,3 +92,5 @@ def generate(args: argparse.Namespace) -> None:
         )
         if model.profile is not None:
             print(f"\n{model.profile.format()}", file=sys.stderr)
+            if config["speculative"] != "off":
+                print(f"speculative: {session.speculation.format()}", file=sys.stderr)

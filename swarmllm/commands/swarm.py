@@ -68,6 +68,7 @@ def run_swarm(args: argparse.Namespace) -> None:
             ask(args.model, swarm.initial_peers, args.ask)
         elif args.api_port is not None:
             from swarmllm.commands.api import api_keys, serve_swarm
+            from swarmllm.commands.client_options import speculative_mode
 
             print("\nCtrl-C stops the server and the swarm.", flush=True)
             keys = api_keys(args.api_key)
@@ -78,6 +79,7 @@ def run_swarm(args: argparse.Namespace) -> None:
                 args.api_port,
                 keys,
                 max_active=args.max_concurrent,
+                speculative=speculative_mode(args),
             )
         else:
             _serve_until_stopped(swarm)
