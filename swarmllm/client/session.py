@@ -7,12 +7,20 @@ session), routes only that hop's blocks again (possibly across several peers), r
 stored inputs to rebuild their caches (in chunks within each peer's limits), and retries the
 step where it failed. Replay restarts from position 0, so the replacement's cache matches the
 failed peer's exactly.
+
+Finding a working replacement is bounded by time, not by a count of attempts: every attempt
+skips each peer that failed an earlier attempt of the same search, so peers that announce
+much and serve nothing (anyone can mint as many as they like) cost one attempt each and cannot
+use up the budget before an honest peer is tried. What the client sees of each peer feeds the
+router's ``reputation``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Mapping
 
 import torch
 
@@ -27,6 +35,11 @@ from swarmllm.protocol import ErrorCode
 logger = logging.getLogger("swarmllm.client")
 
 
+# Seconds one search for working peers for a range may take (every attempt's own timeouts are
+# shorter; a stream that does not open fails in ``hop.OPEN_TIMEOUT``).
+FAILOVER_TIMEOUT = 60.0
+
+
 class SessionFailedError(RuntimeError):
     """A step could not complete within the failover budget."""
 
@@ -37,12 +50,12 @@ class InferenceSession:
         router: Router,
         spec: SessionSpec,
         *,
-        max_failovers: int = 8,
+        failover_timeout: float = FAILOVER_TIMEOUT,
         profile: Profile | None = None,
         verifier: SpotChecker | None = None,
         adapter: str | None = None,
     ):
-        self.router, self.spec, self.max_failovers = router, spec, max_failovers
+        self.router, self.spec, self.failover_timeout = router, spec, failover_timeout
         self.profile = profile
         self.verifier = verifier  # spot-checks hops; a hop it outvotes fails over like any fault
         self.hops: list[HopStream] = []
@@ -105,9 +118,7 @@ class InferenceSession:
                 self._penalise(failure)
                 await self._fail_over(index)
                 continue  # retry this step on the replacement
-            if self.profile is not None and self.hops[index].last_timing is not None:
-                phase = phase_of(hidden.shape[1])
-                self.profile.add_hop(self.hops[index].hop, phase, self.hops[index].last_timing)
+            self._observe(self.hops[index], hidden.shape[1])
             accepted.append(hidden)
             hidden = output
             index += 1
@@ -122,12 +133,30 @@ class InferenceSession:
         await asyncio.gather(*(stream.close() for stream in self.hops))
         self.hops, self.history = [], []
 
-    def _penalise(self, failure: HopFailure) -> None:
+    def _observe(self, stream: HopStream, tokens: int) -> None:
+        """Profile the step of ``stream`` just done; time it when it decoded one token."""
+        timing = stream.last_timing
+        if timing is None:
+            return
+        if self.profile is not None:
+            self.profile.add_hop(stream.hop, phase_of(tokens), timing)
+        if tokens == 1:
+            peer_id, blocks = stream.hop.peer_id, stream.hop.end - stream.hop.start
+            rtt = self.router.connection.rtt.get(peer_id)
+            self.router.reputation.timed(peer_id, blocks, timing.round_trip, rtt)
+
+    def _penalise(self, failure: HopFailure, connecting: bool = False) -> None:
+        """Ban a peer at fault; avoid one that refused for this session. ``connecting``: the
+        failure came while opening streams and replaying, when no session can have expired."""
         logger.warning("hop failed: %s", failure)
+        peer_id = failure.hop.peer_id
+        if not failure.fault and failure.code == ErrorCode.EXPIRED and not connecting:
+            return  # a session the client let idle is simply opened again
+        self.router.reputation.failed(peer_id, refused=not failure.fault)
         if failure.fault:
-            self.router.bans.ban(failure.hop.peer_id, failure.reason)
-        elif failure.code != ErrorCode.EXPIRED:  # an expired session is simply opened again
-            self._busy.add(failure.hop.peer_id)
+            self.router.bans.ban(peer_id, failure.reason)
+        else:
+            self._busy.add(peer_id)
 
     async def _fail_over(self, index: int) -> None:
         """Replace hop ``index`` by a fresh route over its blocks (maybe several peers) whose
@@ -148,16 +177,19 @@ class InferenceSession:
         images: ImageInputs | None = None,
     ) -> tuple[list[HopStream], list[list[torch.Tensor]]]:
         """Open streams over a route for ``[start, end)`` and replay ``history`` (with the
-        first hop's ``images``) through them, retrying on failures within the failover budget.
-        Returns the streams and the inputs each has seen."""
-        for attempt in range(self.max_failovers):
+        first hop's ``images``) through them, retrying on failures within the failover budget,
+        each attempt without the peers that failed the earlier ones. Returns the streams and
+        the inputs each has seen; raises NoRouteError once no untried peer is left."""
+        deadline = time.monotonic() + self.failover_timeout
+        failed: dict[str, str] = {}  # peer -> why its attempt failed, in this search
+        while True:
             route = await self.router.route(
                 start,
                 end,
                 min_cache_tokens=self.spec.max_length * self.spec.batch,
-                avoid=self._busy,
+                avoid=_avoided(failed, self._busy),
                 first_hop_adapter=self.adapter if start == 0 else None,
-                fresh=attempt > 0,
+                fresh=len(failed) == 1,  # once: the map may be stale, and reads cost everyone
             )
             streams = [HopStream(self.router.connection, hop, self.spec) for hop in route]
             histories: list[list[torch.Tensor]] = [[] for _ in streams]
@@ -165,18 +197,25 @@ class InferenceSession:
                 await _open_all(streams)
                 if history is not None:
                     logger.info("replaying %d tokens on %s", history.shape[1], route)
-                    replay = history
+                    replay, hop_images = history, images
                     for stream, seen in zip(streams, histories, strict=True):
                         seen.append(replay)
-                        replay = await stream.step(replay, 0, images)
-                        images = None  # only the first of them holds block 0
-                return streams, histories
+                        replay = await stream.step(replay, 0, hop_images)
+                        hop_images = None  # only the first of them holds block 0
             except HopFailure as failure:
-                self._penalise(failure)
+                self._penalise(failure, connecting=True)
+                failed[failure.hop.peer_id] = failure.reason
                 await asyncio.gather(*(s.close() for s in streams))
-        raise SessionFailedError(
-            f"blocks {start}-{end - 1}: no working peer after {self.max_failovers} attempts"
-        )
+                if time.monotonic() > deadline:
+                    raise SessionFailedError(
+                        f"blocks {start}-{end - 1}: no working peer within "
+                        f"{self.failover_timeout:.0f} s ({len(failed)} peers failed; the last: "
+                        f"{failure})"
+                    ) from failure
+                continue
+            for stream in streams:
+                self.router.reputation.opened(stream.hop.peer_id)
+            return streams, histories
 
     def _rewind(self, position: int) -> None:
         if self.images is not None:  # raises, before any change, inside an image
@@ -185,6 +224,11 @@ class InferenceSession:
             kept = torch.cat(chunks, dim=1)[:, :position] if chunks else None
             self.history[index] = [kept] if kept is not None and kept.shape[1] else []
         self.position = position
+
+
+def _avoided(failed: Mapping[str, str], busy: set[str]) -> dict[str, str]:
+    """Peers a search skips, with why: failed in this search, or busy for this session."""
+    return {**dict.fromkeys(failed, "failed an attempt just now"), **dict.fromkeys(busy, "busy")}
 
 
 async def _open_all(streams: list[HopStream]) -> None:
