@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import (  # noqa: UP035 - hivemind only detects streaming RPCs typed with typing.AsyncIterator
     AsyncIterator,
@@ -132,9 +133,9 @@ async def _serve(args: argparse.Namespace) -> None:
             peer_ids.append(peer_id_of(key))
         print(READY, *peer_ids, flush=True)
         await stop.wait()
-    finally:
-        for announcer in announcers:
-            announcer.stop()
+    finally:  # all at once: each stop waits for one DHT store
+        with ThreadPoolExecutor(max(1, len(announcers))) as stopping:
+            list(stopping.map(Announcer.stop, announcers))
         for dht in nodes:
             dht.shutdown()
 
