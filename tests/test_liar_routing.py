@@ -120,12 +120,13 @@ class FakeConnection:
 class FakeStream:
     """Opens unless its peer's behaviour says otherwise; a step adds one."""
 
-    behaviour: ClassVar[dict[str, str]] = {}  # peer -> refuse | silent | expire
+    behaviour: ClassVar[dict[str, str]] = {}  # peer -> refuse | silent | expire | hang
     opened: ClassVar[list[str]] = []  # every peer a stream was opened to, in order
 
     def __init__(self, connection, hop: Hop, spec: SessionSpec):
         self.hop, self.spec = hop, spec
         self.last_timing = HopTiming(0.003, 0.0, 0.0, 0.0, 1)
+        self.limits = None  # set once open
 
     async def open(self) -> None:
         self.opened.append(self.hop.peer_id)
@@ -136,6 +137,10 @@ class FakeStream:
                 raise HopFailure(self.hop, "expired", fault=False, code=ErrorCode.EXPIRED)
             case "silent":
                 raise HopFailure(self.hop, "no reply within 5.0 s")
+            case "hang":  # the stream is taken and never answered, until the open timeout
+                await asyncio.sleep(self.spec.open_timeout)
+                raise HopFailure(self.hop, f"no reply within {self.spec.open_timeout} s")
+        self.limits = "open"
 
     async def step(self, hidden: torch.Tensor, position: int, images=None) -> torch.Tensor:
         return hidden + 1
@@ -159,8 +164,9 @@ def swarm(liars: int, behaviour: str, streams) -> Router:
     return Router(FakeConnection(peers), "m", BLOCKS, BanList())
 
 
-def open_session(router: Router, **options) -> InferenceSession:
-    session = InferenceSession(router, SessionSpec("m", "s", max_length=32), **options)
+def open_session(router: Router, open_timeout: float = 5.0, **options) -> InferenceSession:
+    spec = SessionSpec("m", "s", max_length=32, open_timeout=open_timeout)
+    session = InferenceSession(router, spec, **options)
     asyncio.run(session.open())
     return session
 
@@ -197,3 +203,19 @@ def test_a_peer_that_refused_lately_is_still_used_when_nothing_else_serves(strea
     router.reputation.failed("only", refused=True)
     assert "only" in router.reputation.cooling()
     assert open_session(router).route == [Hop("only", 0, BLOCKS)]
+
+
+def test_liars_that_hang_are_hedged_past_not_waited_out_one_by_one(streams, monkeypatch) -> None:
+    """Each opening that hangs gets the next route opened beside it after HEDGE_AFTER; the
+    honest route wins while earlier liars still hang. Liars that timed out are banned, liars
+    still hanging when the honest route opened are cooled down, the honest peers neither."""
+    monkeypatch.setattr(session_module, "HEDGE_AFTER", 0.02)
+    router = swarm(30, "hang", streams)
+    session = open_session(router, open_timeout=0.3)
+    assert session.route[0].peer_id.startswith("honest")
+    tried = {p for p in streams.opened if p.startswith("liar")}
+    assert tried == {f"liar{i:02}" for i in range(30)}
+    banned, cooling = router.bans.banned(), set(router.reputation.cooling())
+    assert tried == banned | cooling and not (banned | cooling) & {"honest-a", "honest-b"}
+    streams.opened.clear()
+    assert open_session(router).route == session.route and streams.opened == ["honest-a"]

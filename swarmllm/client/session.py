@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,7 +29,7 @@ from swarmllm.blocks.vision import ImageInputs
 from swarmllm.client.hop import HopFailure, HopStream, SessionSpec
 from swarmllm.client.profile import Profile, phase_of
 from swarmllm.client.router import Router
-from swarmllm.client.routing import Hop
+from swarmllm.client.routing import Hop, NoRouteError
 from swarmllm.client.verification import SpotChecker, VerificationEvidence
 from swarmllm.protocol import ErrorCode
 
@@ -36,8 +37,10 @@ logger = logging.getLogger("swarmllm.client")
 
 
 # Seconds one search for working peers for a range may take (every attempt's own timeouts are
-# shorter; a stream that does not open fails in ``hop.OPEN_TIMEOUT``).
+# shorter; a stream that does not open fails in ``SessionSpec.open_timeout``).
 FAILOVER_TIMEOUT = 60.0
+HEDGE_AFTER = 0.5  # seconds an opening may take before the next best route opens beside it
+MAX_OPENING = 16  # routes opening at once in one search
 
 
 class SessionFailedError(RuntimeError):
@@ -180,22 +183,13 @@ class InferenceSession:
         first hop's ``images``) through them, retrying on failures within the failover budget,
         each attempt without the peers that failed the earlier ones. Returns the streams and
         the inputs each has seen; raises NoRouteError once no untried peer is left."""
-        deadline = time.monotonic() + self.failover_timeout
-        failed: dict[str, str] = {}  # peer -> why its attempt failed, in this search
+        search = _Search(time.monotonic() + self.failover_timeout)
         while True:
-            route = await self.router.route(
-                start,
-                end,
-                min_cache_tokens=self.spec.max_length * self.spec.batch,
-                avoid=_avoided(failed, self._busy),
-                first_hop_adapter=self.adapter if start == 0 else None,
-                fresh=len(failed) == 1,  # once: the map may be stale, and reads cost everyone
-            )
-            streams = [HopStream(self.router.connection, hop, self.spec) for hop in route]
+            streams = await self._open_route(start, end, search)
             histories: list[list[torch.Tensor]] = [[] for _ in streams]
             try:
-                await _open_all(streams)
                 if history is not None:
+                    route = [stream.hop for stream in streams]
                     logger.info("replaying %d tokens on %s", history.shape[1], route)
                     replay, hop_images = history, images
                     for stream, seen in zip(streams, histories, strict=True):
@@ -203,19 +197,88 @@ class InferenceSession:
                         replay = await stream.step(replay, 0, hop_images)
                         hop_images = None  # only the first of them holds block 0
             except HopFailure as failure:
-                self._penalise(failure, connecting=True)
-                failed[failure.hop.peer_id] = failure.reason
                 await asyncio.gather(*(s.close() for s in streams))
-                if time.monotonic() > deadline:
-                    raise SessionFailedError(
-                        f"blocks {start}-{end - 1}: no working peer within "
-                        f"{self.failover_timeout:.0f} s ({len(failed)} peers failed; the last: "
-                        f"{failure})"
-                    ) from failure
+                self._failed(failure, search, start, end)
                 continue
             for stream in streams:
                 self.router.reputation.opened(stream.hop.peer_id)
             return streams, histories
+
+    async def _open_route(self, start: int, end: int, search: _Search) -> list[HopStream]:
+        """The streams of the first route that opens. Routes open one after another: whenever
+        the latest has not opened within ``HEDGE_AFTER`` seconds, the next best (without the
+        peers still opening) opens beside it, so a peer that never answers delays the search
+        by that much rather than by its whole open timeout. The routes still opening when one
+        wins are closed; a peer still opening a route that started before the winner (it lost
+        the race to a later one) is cooled down as if it had refused."""
+        opening: dict[asyncio.Future, tuple[float, list[HopStream]]] = {}
+        exhausted = False  # no route avoids the peers still opening
+        try:
+            while True:
+                if not exhausted and len(opening) < MAX_OPENING:
+                    busy = {s.hop.peer_id for _, streams in opening.values() for s in streams}
+                    try:
+                        route = await self.router.route(
+                            start,
+                            end,
+                            min_cache_tokens=self.spec.max_length * self.spec.batch,
+                            avoid=_avoided(search.failed, self._busy | busy),
+                            first_hop_adapter=self.adapter if start == 0 else None,
+                            fresh=search.fresh_read(),
+                        )
+                    except NoRouteError:
+                        if not opening:
+                            raise
+                        exhausted = True
+                    else:
+                        connection = self.router.connection
+                        streams = [HopStream(connection, hop, self.spec) for hop in route]
+                        task = asyncio.ensure_future(_open_all(streams))
+                        opening[task] = (time.monotonic(), streams)
+                hedge = None if exhausted or len(opening) >= MAX_OPENING else HEDGE_AFTER
+                done, _ = await asyncio.wait(
+                    opening, timeout=hedge, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    started, streams = opening.pop(task)
+                    if (error := task.exception()) is None:
+                        self._cool_down_laggards(opening.values(), started)
+                        return streams
+                    await asyncio.gather(*(s.close() for s in streams))
+                    if not isinstance(error, HopFailure):
+                        raise error
+                    exhausted = False  # the failed route's other peers are free again
+                    self._failed(error, search, start, end)
+        finally:
+            for task in opening:
+                task.cancel()
+            await asyncio.gather(*opening, return_exceptions=True)
+            laggards = [s for _, streams in opening.values() for s in streams]
+            await asyncio.gather(*(s.close() for s in laggards))
+
+    def _failed(self, failure: HopFailure, search: _Search, start: int, end: int) -> None:
+        """Count a failed attempt of the search; raise once its time is up."""
+        self._penalise(failure, connecting=True)
+        search.failed[failure.hop.peer_id] = failure.reason
+        if time.monotonic() > search.deadline:
+            raise SessionFailedError(
+                f"blocks {start}-{end - 1}: no working peer within "
+                f"{self.failover_timeout:.0f} s ({len(search.failed)} peers failed; the last: "
+                f"{failure})"
+            ) from failure
+
+    def _cool_down_laggards(self, opening, winner_started: float) -> None:
+        now = time.monotonic()
+        for started, streams in opening:
+            if started < winner_started:
+                for stream in streams:
+                    if stream.limits is None:  # this stream had not opened
+                        logger.warning(
+                            "peer %s did not open a stream in %.1f s; another route won",
+                            stream.hop.peer_id,
+                            now - started,
+                        )
+                        self.router.reputation.failed(stream.hop.peer_id, refused=True)
 
     def _rewind(self, position: int) -> None:
         if self.images is not None:  # raises, before any change, inside an image
@@ -224,6 +287,23 @@ class InferenceSession:
             kept = torch.cat(chunks, dim=1)[:, :position] if chunks else None
             self.history[index] = [kept] if kept is not None and kept.shape[1] else []
         self.position = position
+
+
+@dataclass
+class _Search:
+    """One search for working peers for a range: its deadline and the peers that failed it."""
+
+    deadline: float
+    failed: dict[str, str] = field(default_factory=dict)  # peer -> why its attempt failed
+    _read_fresh: bool = False
+
+    def fresh_read(self) -> bool:
+        """Whether the next route reads the map anew: once, after the first failure (the
+        map may be stale; reads cost every DHT node)."""
+        if self.failed and not self._read_fresh:
+            self._read_fresh = True
+            return True
+        return False
 
 
 def _avoided(failed: Mapping[str, str], busy: set[str]) -> dict[str, str]:
