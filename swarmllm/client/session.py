@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -267,7 +267,11 @@ class InferenceSession:
                 f"{failure})"
             ) from failure
 
-    def _cool_down_laggards(self, opening, winner_started: float) -> None:
+    def _cool_down_laggards(
+        self, opening: Iterable[tuple[float, list[HopStream]]], winner_started: float
+    ) -> None:
+        """Cool down the peers of routes that began opening before the winner did and have
+        not opened yet."""
         now = time.monotonic()
         for started, streams in opening:
             if started < winner_started:
