@@ -12,6 +12,7 @@ import torch
 import swarmllm.client.session as session_module
 from swarmllm.client.bans import BanList
 from swarmllm.client.hop import HopFailure, SessionSpec
+from swarmllm.client.reputation import Reputation
 from swarmllm.client.routing import Hop, NoRouteError
 from swarmllm.client.session import InferenceSession
 from swarmllm.protocol import ErrorCode
@@ -48,6 +49,7 @@ class FakeRouter:
 
     def __init__(self, peers: dict[int, list[str]]):
         self.peers, self.bans, self.num_blocks, self.connection = peers, BanList(), 2, None
+        self.reputation = Reputation()
         self.unroutable = 0  # fail this many route() calls
 
     async def route(self, start, end, *, min_cache_tokens, avoid, first_hop_adapter, fresh):
@@ -56,7 +58,7 @@ class FakeRouter:
             raise NoRouteError(f"blocks {start}-{end - 1}: nobody left", [(start, end)])
         hops = []
         for block in range(start, end):
-            usable = [p for p in self.peers[block] if p not in avoid | self.bans.banned()]
+            usable = [p for p in self.peers[block] if p not in {*avoid, *self.bans.banned()}]
             hops.append(Hop(usable[0], block, block + 1))
         return hops
 
@@ -69,7 +71,7 @@ def fakes(monkeypatch):
 
 
 def _session(router: FakeRouter) -> InferenceSession:
-    return InferenceSession(router, SessionSpec("m", "s", max_length=64), max_failovers=2)
+    return InferenceSession(router, SessionSpec("m", "s", max_length=64))
 
 
 def test_a_step_that_fails_half_way_leaves_no_history_and_replay_is_exact(fakes) -> None:

@@ -75,6 +75,9 @@ class SessionSpec:
     pad_lengths: tuple[int, ...] | None = None
     wire_dtype: str = "float32"
     step_timeout: float = 10.0  # seconds for one step, plus TOKEN_TIMEOUT per token sent
+    # seconds for a stream to open (at most step_timeout): an honest peer opens in
+    # milliseconds, and a peer that takes the stream and never answers must cost little
+    open_timeout: float = 5.0
     verify_signatures: bool = True
 
     def timeout_for(self, num_tokens: int) -> float:
@@ -122,14 +125,13 @@ class HopStream:
             wire_dtype=self.spec.wire_dtype,
         )
         self._outbox.put_nowait(opening.encode())
+        timeout = min(self.spec.open_timeout, self.spec.step_timeout)
         try:
             stub = self.connection.stub(self.hop.peer_id)
-            self._replies = await asyncio.wait_for(
-                stub.rpc_inference(self._requests()), self.spec.step_timeout
-            )
+            self._replies = await asyncio.wait_for(stub.rpc_inference(self._requests()), timeout)
         except Exception as e:
             raise HopFailure(self.hop, f"cannot open a stream: {e or type(e).__name__}") from e
-        self.limits = await self._receive(self.spec.step_timeout, Opened)
+        self.limits = await self._receive(timeout, Opened)
 
     async def step(
         self, hidden: torch.Tensor, position: int, images: ImageInputs | None = None

@@ -31,6 +31,7 @@ from swarmllm.client.drafting import SpeculationStats
 from swarmllm.client.generation import GenerationConfig, gather_or_cancel, generate_tokens
 from swarmllm.client.hop import SessionSpec
 from swarmllm.client.profile import Profile, measure, phase_of
+from swarmllm.client.reputation import plausible_block_seconds
 from swarmllm.client.router import Router
 from swarmllm.client.routing import Hop
 from swarmllm.client.session import InferenceSession
@@ -152,6 +153,7 @@ class DistributedModelForCausalLM:
             self.bans,
             allowed_peers,
             min_precision=min_precision,
+            min_block_seconds=plausible_block_seconds(source.config),
         )
         # closes the swarm connection when the model is garbage-collected or at exit, so a
         # model used without ``with`` leaves no pending tasks behind

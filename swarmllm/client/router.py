@@ -1,18 +1,27 @@
 """The client's router: routes over the live coverage map, skipping banned and busy peers.
 
 ``routing.find_route`` is the pure choice of a chain; this module feeds it a coverage map read
-from the DHT (reused for a while) and the RTTs the connection has measured.
+from the DHT (reused for a while), the RTTs the connection has measured and what the client has
+seen of each peer (``reputation``): measured step times, risk premiums for unproven peers, and
+peers that refused lately, used only when no route avoids them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from swarmllm.client.bans import UNREACHABLE, BanList
 from swarmllm.client.connection import SwarmConnection
-from swarmllm.client.routing import Hop, NoRouteError, check_precision, find_route
+from swarmllm.client.reputation import Reputation
+from swarmllm.client.routing import (
+    MIN_BLOCK_SECONDS,
+    Hop,
+    NoRouteError,
+    check_precision,
+    find_route,
+)
 from swarmllm.dht.records import CoverageMap
 
 # Seconds a coverage map serves new routes. A read is a DHT lookup of every block's key: tens
@@ -38,11 +47,16 @@ class Router:
         allowed: Collection[str] | None = None,
         max_age: float = COVERAGE_MAX_AGE,
         min_precision: str | None = None,
+        min_block_seconds: float = MIN_BLOCK_SECONDS,
     ):
+        """``min_block_seconds``: the least time a block of this model can take for one token
+        (``reputation.plausible_block_seconds``); announced throughputs are read as no faster."""
         check_precision(min_precision)
         self.connection, self.model_id, self.num_blocks = connection, model_id, num_blocks
         self.bans, self.allowed, self.max_age = bans, allowed, max_age
         self.min_precision = min_precision  # route (and spot-check) only through peers this fine
+        self.min_block_seconds = min_block_seconds
+        self.reputation = Reputation()
         self._coverage: tuple[float, CoverageMap] | None = None  # (read at, map)
         self._reading = asyncio.Lock()
 
@@ -52,10 +66,12 @@ class Router:
         end: int,
         *,
         min_cache_tokens: int,
-        avoid: Collection[str] = (),
+        avoid: Collection[str] | Mapping[str, str] = (),
         first_hop_adapter: str | None = None,
         fresh: bool = False,
     ) -> list[Hop]:
+        """A route over ``[start, end)`` skipping banned peers and ``avoid`` (peers, or a map
+        of them to why: the reason NoRouteError names; ``busy`` for a plain collection)."""
         coverage, was_cached = await self.read_coverage(fresh)
         try:
             return await self._route_over(
@@ -91,7 +107,7 @@ class Router:
         start: int,
         end: int,
         min_cache_tokens: int,
-        avoid: Collection[str],
+        avoid: Collection[str] | Mapping[str, str],
         first_hop_adapter: str | None,
     ) -> list[Hop]:
         unmeasured = [p for p in coverage.peers() if p not in self.connection.rtt]
@@ -100,14 +116,29 @@ class Router:
             for peer_id in unmeasured:  # a record can outlive its peer until it expires
                 if peer_id not in self.connection.rtt:
                     self.bans.ban(peer_id, UNREACHABLE)
-        return find_route(
-            coverage,
-            start=start,
-            end=end,
-            rtt=self.connection.rtt,
-            banned={**self.bans.rejections(), **dict.fromkeys(avoid, "busy")},
-            allowed=self.allowed,
-            min_cache_tokens=min_cache_tokens,
-            first_hop_adapter=first_hop_adapter,
-            min_precision=self.min_precision,
-        )
+        avoided = dict(avoid) if isinstance(avoid, Mapping) else dict.fromkeys(avoid, "busy")
+        excluded = {**avoided, **self.bans.rejections()}
+
+        def route(skipped: dict[str, str]) -> list[Hop]:
+            return find_route(
+                coverage,
+                start=start,
+                end=end,
+                rtt=self.connection.rtt,
+                banned=skipped,
+                allowed=self.allowed,
+                min_cache_tokens=min_cache_tokens,
+                first_hop_adapter=first_hop_adapter,
+                min_precision=self.min_precision,
+                measured=self.reputation.measured(),
+                min_block_seconds=self.min_block_seconds,
+                premiums=self.reputation.risk_premiums(coverage.peers(), min_cache_tokens),
+            )
+
+        cooling = self.reputation.cooling()
+        if cooling:
+            try:  # peers that refused lately only when nothing else covers their blocks
+                return route({**cooling, **excluded})
+            except NoRouteError:
+                pass
+        return route(excluded)

@@ -2,8 +2,10 @@
 
 A route is a list of hops whose sub-spans are contiguous and cover the requested range. The cost
 of one decode step through a hop is the client's measured RTT to the peer plus the peer's compute
-time for the part of its span the hop uses (``hop blocks / span blocks / throughput``); the route
-minimises the sum, so every extra hop has to pay for its RTT.
+time for the part of its span the hop uses, plus a risk premium for a peer without a record
+(``reputation``); the route minimises the sum, so every extra hop has to pay for its RTT. The
+compute time per block is the client's own measurement where it has one, else the announced
+throughput's (``1 / span blocks / throughput``), never less than what a plausible device needs.
 
 The search is a shortest path over block boundaries. Only boundaries where the set of usable
 peers changes need to be nodes: between two of them every hop's cost is linear in where it
@@ -21,6 +23,9 @@ from swarmllm.dht.records import PRECISIONS, CoverageMap, PeerRecord, PeerState,
 
 # A peer announcing zero, negative or NaN throughput is still usable, just as a last resort.
 _MIN_THROUGHPUT = 1e-3  # tokens/s
+# The default floor of a block's announced compute time: a lower bound for any model (the router
+# passes the floor of the model it serves, ``reputation.plausible_block_seconds``).
+MIN_BLOCK_SECONDS = 5e-6
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,9 @@ def find_route(
     first_hop_adapter: str | None = None,
     default_rtt: float = 0.005,
     min_precision: str | None = None,
+    measured: Mapping[str, float] | None = None,
+    min_block_seconds: float = MIN_BLOCK_SECONDS,
+    premiums: Mapping[str, float] | None = None,
 ) -> list[Hop]:
     """The cheapest route through blocks ``[start, end)`` (default: the whole model).
 
@@ -113,7 +121,10 @@ def find_route(
     others). ``banned``: peers to skip, or a map of them to why (named in the error: "banned",
     "unreachable", "busy"). ``first_hop_adapter`` requires the hop holding block ``start`` to
     provide that adapter. ``min_precision`` (one of ``PRECISIONS``) skips peers computing
-    coarser than it (quantized or in a lower-precision dtype). Equal-cost routes are broken by
+    coarser than it (quantized or in a lower-precision dtype). ``measured`` maps peers to the
+    decode seconds per block the client timed (replacing their announced throughput), which is
+    otherwise read as no faster than ``min_block_seconds``; ``premiums`` adds seconds to every
+    hop on a peer (its risk). Equal-cost routes are broken by
     fewer hops, then by peer id, so the same inputs always give the same route. Raises
     NoRouteError when the filtered peers can't cover the range.
     """
@@ -165,7 +176,8 @@ def find_route(
             )
     # A constrained first hop can't shrink to nothing, so it may need to end right after start.
     extra_node = start + 1 if first_hop_adapter is not None and start + 1 < end else None
-    return _cheapest(usable, start, first_candidates, extra_node, rtt or {}, default_rtt)
+    costs = _Costs(rtt or {}, default_rtt, measured or {}, min_block_seconds, premiums or {})
+    return _cheapest(usable, start, first_candidates, extra_node, costs)
 
 
 def format_route(route: Sequence[Hop], public_names: Mapping[str, str] | None = None) -> str:
@@ -180,13 +192,35 @@ def format_route(route: Sequence[Hop], public_names: Mapping[str, str] | None = 
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class _Costs:
+    rtt: Mapping[str, float]
+    default_rtt: float
+    measured: Mapping[str, float]
+    min_block_seconds: float
+    premiums: Mapping[str, float]
+
+    def fixed(self, peer_id: str) -> float:
+        """What a hop on the peer costs besides its blocks: the RTT and the risk premium."""
+        rtt = _checked_rtt(peer_id, self.rtt.get(peer_id, self.default_rtt))
+        return rtt + self.premiums.get(peer_id, 0.0)
+
+    def seconds_per_block(self, peer_id: str, record: PeerRecord) -> float:
+        """Compute time per block for one decode step: measured, else the bounded claim."""
+        if peer_id in self.measured:
+            return self.measured[peer_id]
+        throughput = record.decode_steps_per_s
+        if not throughput > _MIN_THROUGHPUT:  # also catches NaN
+            throughput = _MIN_THROUGHPUT
+        return max(1.0 / ((record.end - record.start) * throughput), self.min_block_seconds)
+
+
 def _cheapest(
     usable: list[dict[str, PeerRecord]],
     start: int,
     first_candidates: dict[str, PeerRecord],
     extra_node: int | None,
-    rtt: Mapping[str, float],
-    default_rtt: float,
+    costs: _Costs,
 ) -> list[Hop]:
     """Shortest path over block boundaries; assumes every block has a usable peer."""
     end = start + len(usable)
@@ -206,10 +240,9 @@ def _cheapest(
         cost_a, hops_a = best[a]
         candidates = first_candidates if a == start else usable[a - start]
         for peer_id in sorted(candidates):  # independent of map order even at the tolerance edge
-            record = candidates[peer_id]
-            seconds_per_block = _seconds_per_block(record)
+            seconds_per_block = costs.seconds_per_block(peer_id, candidates[peer_id])
             reach = run_end[a - start][peer_id]
-            fixed = cost_a + _checked_rtt(peer_id, rtt.get(peer_id, default_rtt))
+            fixed = cost_a + costs.fixed(peer_id)
             for b in nodes[index + 1 :]:
                 if b > reach:
                     break
@@ -217,14 +250,6 @@ def _cheapest(
                 if b not in best or _better(candidate, best[b]):
                     best[b] = candidate
     return list(best[end][1])
-
-
-def _seconds_per_block(record: PeerRecord) -> float:
-    """Compute time per block of the peer's span for one decode step."""
-    throughput = record.decode_steps_per_s
-    if not throughput > _MIN_THROUGHPUT:  # also catches NaN
-        throughput = _MIN_THROUGHPUT
-    return 1.0 / ((record.end - record.start) * throughput)
 
 
 def _better(x: tuple[float, tuple[Hop, ...]], y: tuple[float, tuple[Hop, ...]]) -> bool:

@@ -7,12 +7,21 @@ session), routes only that hop's blocks again (possibly across several peers), r
 stored inputs to rebuild their caches (in chunks within each peer's limits), and retries the
 step where it failed. Replay restarts from position 0, so the replacement's cache matches the
 failed peer's exactly.
+
+Finding a working replacement is bounded by time, not by a count of attempts: every attempt
+skips each peer that failed an earlier attempt of the same search, so peers that announce
+much and serve nothing (anyone can mint as many as they like) cost one attempt each and cannot
+use up the budget before an honest peer is tried. What the client sees of each peer feeds the
+router's ``reputation``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,11 +29,18 @@ from swarmllm.blocks.vision import ImageInputs
 from swarmllm.client.hop import HopFailure, HopStream, SessionSpec
 from swarmllm.client.profile import Profile, phase_of
 from swarmllm.client.router import Router
-from swarmllm.client.routing import Hop
+from swarmllm.client.routing import Hop, NoRouteError
 from swarmllm.client.verification import SpotChecker, VerificationEvidence
 from swarmllm.protocol import ErrorCode
 
 logger = logging.getLogger("swarmllm.client")
+
+
+# Seconds one search for working peers for a range may take (every attempt's own timeouts are
+# shorter; a stream that does not open fails in ``SessionSpec.open_timeout``).
+FAILOVER_TIMEOUT = 60.0
+HEDGE_AFTER = 0.5  # seconds an opening may take before the next best route opens beside it
+MAX_OPENING = 16  # routes opening at once in one search
 
 
 class SessionFailedError(RuntimeError):
@@ -37,12 +53,12 @@ class InferenceSession:
         router: Router,
         spec: SessionSpec,
         *,
-        max_failovers: int = 8,
+        failover_timeout: float = FAILOVER_TIMEOUT,
         profile: Profile | None = None,
         verifier: SpotChecker | None = None,
         adapter: str | None = None,
     ):
-        self.router, self.spec, self.max_failovers = router, spec, max_failovers
+        self.router, self.spec, self.failover_timeout = router, spec, failover_timeout
         self.profile = profile
         self.verifier = verifier  # spot-checks hops; a hop it outvotes fails over like any fault
         self.hops: list[HopStream] = []
@@ -114,12 +130,7 @@ class InferenceSession:
                 self._penalise(failure)
                 await self._fail_over(index)
                 continue  # retry this step on the replacement
-            if self.profile is not None and self.hops[index].last_timing is not None:
-                self.profile.add_hop(
-                    self.hops[index].hop,
-                    phase or phase_of(hidden.shape[1]),
-                    self.hops[index].last_timing,
-                )
+            self._observe(self.hops[index], hidden.shape[1], phase)
             accepted.append(hidden)
             produced.append(output)
             hidden = output
@@ -137,12 +148,31 @@ class InferenceSession:
         await asyncio.gather(*(stream.close() for stream in self.hops))
         self.hops, self.history, self.outputs = [], [], []
 
-    def _penalise(self, failure: HopFailure) -> None:
+    def _observe(self, stream: HopStream, tokens: int, phase: str | None) -> None:
+        """Profile the step of ``stream`` just done (in ``phase``, default by its length);
+        time it when it decoded one token."""
+        timing = stream.last_timing
+        if timing is None:
+            return
+        if self.profile is not None:
+            self.profile.add_hop(stream.hop, phase or phase_of(tokens), timing)
+        if tokens == 1:
+            peer_id, blocks = stream.hop.peer_id, stream.hop.end - stream.hop.start
+            rtt = self.router.connection.rtt.get(peer_id)
+            self.router.reputation.timed(peer_id, blocks, timing.round_trip, rtt)
+
+    def _penalise(self, failure: HopFailure, connecting: bool = False) -> None:
+        """Ban a peer at fault; avoid one that refused for this session. ``connecting``: the
+        failure came while opening streams and replaying, when no session can have expired."""
         logger.warning("hop failed: %s", failure)
+        peer_id = failure.hop.peer_id
+        if not failure.fault and failure.code == ErrorCode.EXPIRED and not connecting:
+            return  # a session the client let idle is simply opened again
+        self.router.reputation.failed(peer_id, refused=not failure.fault)
         if failure.fault:
-            self.router.bans.ban(failure.hop.peer_id, failure.reason)
-        elif failure.code != ErrorCode.EXPIRED:  # an expired session is simply opened again
-            self._busy.add(failure.hop.peer_id)
+            self.router.bans.ban(peer_id, failure.reason)
+        else:
+            self._busy.add(peer_id)
 
     async def _fail_over(self, index: int) -> None:
         """Replace hop ``index`` by a fresh route over its blocks (maybe several peers) whose
@@ -166,37 +196,112 @@ class InferenceSession:
         images: ImageInputs | None = None,
     ) -> tuple[list[HopStream], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
         """Open streams over a route for ``[start, end)`` and replay ``history`` (with the
-        first hop's ``images``) through them, retrying on failures within the failover budget.
-        Returns the streams, the inputs each has seen and the outputs it returned for them."""
-        for attempt in range(self.max_failovers):
-            route = await self.router.route(
-                start,
-                end,
-                min_cache_tokens=self.spec.max_length * self.spec.batch,
-                avoid=self._busy,
-                first_hop_adapter=self.adapter if start == 0 else None,
-                fresh=attempt > 0,
-            )
-            streams = [HopStream(self.router.connection, hop, self.spec) for hop in route]
+        first hop's ``images``) through them, retrying on failures within the failover budget,
+        each attempt without the peers that failed the earlier ones. Returns the streams, the
+        inputs each has seen and the outputs it returned for them; raises NoRouteError once no
+        untried peer is left."""
+        search = _Search(time.monotonic() + self.failover_timeout)
+        while True:
+            streams = await self._open_route(start, end, search)
             histories: list[list[torch.Tensor]] = [[] for _ in streams]
             outputs: list[list[torch.Tensor]] = [[] for _ in streams]
             try:
-                await _open_all(streams)
                 if history is not None:
+                    route = [stream.hop for stream in streams]
                     logger.info("replaying %d tokens on %s", history.shape[1], route)
-                    replay = history
+                    replay, hop_images = history, images
                     for stream, seen, returned in zip(streams, histories, outputs, strict=True):
                         seen.append(replay)
-                        replay = await stream.step(replay, 0, images)
+                        replay = await stream.step(replay, 0, hop_images)
                         returned.append(replay)
-                        images = None  # only the first of them holds block 0
-                return streams, histories, outputs
+                        hop_images = None  # only the first of them holds block 0
             except HopFailure as failure:
-                self._penalise(failure)
                 await asyncio.gather(*(s.close() for s in streams))
-        raise SessionFailedError(
-            f"blocks {start}-{end - 1}: no working peer after {self.max_failovers} attempts"
-        )
+                self._failed(failure, search, start, end)
+                continue
+            for stream in streams:
+                self.router.reputation.opened(stream.hop.peer_id)
+            return streams, histories, outputs
+
+    async def _open_route(self, start: int, end: int, search: _Search) -> list[HopStream]:
+        """The streams of the first route that opens. Routes open one after another: whenever
+        the latest has not opened within ``HEDGE_AFTER`` seconds, the next best (without the
+        peers still opening) opens beside it, so a peer that never answers delays the search
+        by that much rather than by its whole open timeout. The routes still opening when one
+        wins are closed; a peer still opening a route that started before the winner (it lost
+        the race to a later one) is cooled down as if it had refused."""
+        opening: dict[asyncio.Future, tuple[float, list[HopStream]]] = {}
+        exhausted = False  # no route avoids the peers still opening
+        try:
+            while True:
+                if not exhausted and len(opening) < MAX_OPENING:
+                    busy = {s.hop.peer_id for _, streams in opening.values() for s in streams}
+                    try:
+                        route = await self.router.route(
+                            start,
+                            end,
+                            min_cache_tokens=self.spec.max_length * self.spec.batch,
+                            avoid=_avoided(search.failed, self._busy | busy),
+                            first_hop_adapter=self.adapter if start == 0 else None,
+                            fresh=search.fresh_read(),
+                        )
+                    except NoRouteError:
+                        if not opening:
+                            raise
+                        exhausted = True
+                    else:
+                        connection = self.router.connection
+                        streams = [HopStream(connection, hop, self.spec) for hop in route]
+                        task = asyncio.ensure_future(_open_all(streams))
+                        opening[task] = (time.monotonic(), streams)
+                hedge = None if exhausted or len(opening) >= MAX_OPENING else HEDGE_AFTER
+                done, _ = await asyncio.wait(
+                    opening, timeout=hedge, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    started, streams = opening.pop(task)
+                    if (error := task.exception()) is None:
+                        self._cool_down_laggards(opening.values(), started)
+                        return streams
+                    await asyncio.gather(*(s.close() for s in streams))
+                    if not isinstance(error, HopFailure):
+                        raise error
+                    exhausted = False  # the failed route's other peers are free again
+                    self._failed(error, search, start, end)
+        finally:
+            for task in opening:
+                task.cancel()
+            await asyncio.gather(*opening, return_exceptions=True)
+            laggards = [s for _, streams in opening.values() for s in streams]
+            await asyncio.gather(*(s.close() for s in laggards))
+
+    def _failed(self, failure: HopFailure, search: _Search, start: int, end: int) -> None:
+        """Count a failed attempt of the search; raise once its time is up."""
+        self._penalise(failure, connecting=True)
+        search.failed[failure.hop.peer_id] = failure.reason
+        if time.monotonic() > search.deadline:
+            raise SessionFailedError(
+                f"blocks {start}-{end - 1}: no working peer within "
+                f"{self.failover_timeout:.0f} s ({len(search.failed)} peers failed; the last: "
+                f"{failure})"
+            ) from failure
+
+    def _cool_down_laggards(
+        self, opening: Iterable[tuple[float, list[HopStream]]], winner_started: float
+    ) -> None:
+        """Cool down the peers of routes that began opening before the winner did and have
+        not opened yet."""
+        now = time.monotonic()
+        for started, streams in opening:
+            if started < winner_started:
+                for stream in streams:
+                    if stream.limits is None:  # this stream had not opened
+                        logger.warning(
+                            "peer %s did not open a stream in %.1f s; another route won",
+                            stream.hop.peer_id,
+                            now - started,
+                        )
+                        self.router.reputation.failed(stream.hop.peer_id, refused=True)
 
     def rewind(self, position: int) -> None:
         """Forget every token from ``position`` on (rejected drafts): the history a failover
@@ -208,6 +313,28 @@ class InferenceSession:
         self.history = [_before(chunks, position) for chunks in self.history]
         self.outputs = [_before(chunks, position) for chunks in self.outputs]
         self.position = position
+
+
+@dataclass
+class _Search:
+    """One search for working peers for a range: its deadline and the peers that failed it."""
+
+    deadline: float
+    failed: dict[str, str] = field(default_factory=dict)  # peer -> why its attempt failed
+    _read_fresh: bool = False
+
+    def fresh_read(self) -> bool:
+        """Whether the next route reads the map anew: once, after the first failure (the
+        map may be stale; reads cost every DHT node)."""
+        if self.failed and not self._read_fresh:
+            self._read_fresh = True
+            return True
+        return False
+
+
+def _avoided(failed: Mapping[str, str], busy: set[str]) -> dict[str, str]:
+    """Peers a search skips, with why: failed in this search, or busy for this session."""
+    return {**dict.fromkeys(failed, "failed an attempt just now"), **dict.fromkeys(busy, "busy")}
 
 
 async def _open_all(streams: list[HopStream]) -> None:
