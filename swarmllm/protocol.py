@@ -35,7 +35,9 @@ Bounds: metadata larger than ``MAX_METADATA_BYTES`` is refused before msgpack de
 frame itself is read whole by hivemind before any handler sees it (its stream framing has an
 8-byte length header and no configurable cap), so a peer's memory per stream is bounded only by
 hivemind's prefetch of 5 frames of whatever size the sender wrote; the peer refuses (without
-decoding) any message over its ``max_message_bytes``.
+decoding) any message over its ``max_message_bytes``. A client reads its streams itself
+(``swarmllm.framing``) and refuses, before reading it, any reply frame longer than the reply it
+expects (``check_message_size``, the same check), so no peer can make it buffer more.
 """
 
 from __future__ import annotations
@@ -100,6 +102,17 @@ class ErrorCode:
 
 class MalformedMessage(ValueError):
     """A message that breaks the protocol; the text names the problem and is safe to send."""
+
+
+class MessageTooLarge(MalformedMessage):
+    """A message over the receiver's size limit, refused before it is decoded (or read)."""
+
+
+def check_message_size(num_bytes: int, limit: int, what: str = "message") -> None:
+    """The size check of every message, on both sides: a peer's of each request, a client's of
+    each reply frame before it reads it."""
+    if num_bytes > limit:
+        raise MessageTooLarge(f"{what} of {num_bytes} bytes exceeds the limit of {limit} bytes")
 
 
 class RemoteError(RuntimeError):

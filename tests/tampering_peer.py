@@ -8,6 +8,8 @@ MODE ``wrong-key``: outputs are right, but every reply is signed with a key othe
 peer's own (the client's signature check catches it on the first reply).
 MODE ``nan``: every output is NaN, correctly signed (the client's own check of each reply must
 blame this peer, not the next hop that would refuse the NaN).
+MODE ``bomb``: every step is answered with a msgpack bomb of ``BOMB_BYTES`` as its metadata
+(an array of empty arrays: ~70 times its size once decoded), in a frame hivemind sends as it is.
 
 The misbehaviour is patched into this process only; the production peer has no such switch.
 """
@@ -69,6 +71,21 @@ def output_nan() -> None:
     BlockSpan.forward, BlockSpan.decode_batch = nan_forward, nan_decode_batch
 
 
+BOMB_BYTES = 256 * 1024**2
+
+
+def reply_with_a_bomb() -> None:
+    from hivemind.proto import runtime_pb2
+
+    count = BOMB_BYTES - 5
+    bomb = runtime_pb2.ExpertResponse(metadata=b"\xdd" + count.to_bytes(4, "big") + b"\x90" * count)
+
+    async def bomb_step(self, session, request) -> runtime_pb2.ExpertResponse:
+        return bomb
+
+    swarmllm.peer.servicer.PeerServicer._step = bomb_step
+
+
 def sign_with_another_key() -> None:
     impostor = Ed25519PrivateKey.generate()
 
@@ -83,6 +100,7 @@ MODES = {
     "noise-once": add_noise_once,
     "wrong-key": sign_with_another_key,
     "nan": output_nan,
+    "bomb": reply_with_a_bomb,
 }
 
 if __name__ == "__main__":

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import msgpack
 import pytest
 import torch
-from hivemind.proto import runtime_pb2
 
 from swarmllm.blocks.vision import ImageInputs
 from swarmllm.client.hop import (
@@ -16,7 +13,8 @@ from swarmllm.client.hop import (
     HopStream,
     SessionSpec,
     check_output,
-    read_reply,
+    decode_for,
+    reply_max_bytes,
 )
 from swarmllm.client.routing import Hop
 from swarmllm.protocol import (
@@ -136,10 +134,6 @@ def test_a_peer_s_error_text_is_cut_before_the_client_logs_it() -> None:
     assert len(str(error.value)) < 1000
 
 
-async def _one(reply: runtime_pb2.ExpertResponse):
-    yield reply
-
-
 @pytest.mark.parametrize(
     ("code", "fault"),
     [
@@ -153,7 +147,7 @@ async def _one(reply: runtime_pb2.ExpertResponse):
 def test_which_error_replies_blame_the_peer(code: str, fault: bool) -> None:
     hop = Hop("peer", 0, 3)
     with pytest.raises(HopFailure) as failure:
-        asyncio.run(read_reply(_one(Error("no", code).encode()), hop, 5.0, Reply))
+        decode_for(hop, Error("no", code).encode().SerializeToString(), Reply)
     assert failure.value.fault is fault
 
 
@@ -199,3 +193,12 @@ def test_chunks_never_split_an_image() -> None:
     with pytest.raises(ValueError, match="must lie in the step's tokens"):
         outside = ImageInputs(images.features, images.positions + 40)
         _stream_with_limits(16)._chunks(hidden, 0, outside)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_longest_honest_reply_fits_the_client_s_bound(dtype: torch.dtype) -> None:
+    hidden = torch.zeros(2, 300, 64, dtype=dtype)
+    timing = {"compute_ms": 1e18, "queue_ms": 1e18, "peer_ms": 1e18, "batch": 1e18}
+    reply = Reply(2**62, 2**62, b"s" * 64, torch.ones_like(hidden), timing).encode()
+    assert reply.ByteSize() <= reply_max_bytes(hidden)
+    assert reply_max_bytes(hidden) < 2 * reply.ByteSize() + MAX_METADATA_BYTES

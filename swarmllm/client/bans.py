@@ -31,6 +31,10 @@ class BanList:
         now = time.monotonic()
         return {peer for peer, until in self._until.items() if until > now}
 
+    def reason(self, peer_id: str) -> str | None:
+        """Why ``peer_id`` was last banned (None if it never was)."""
+        return self._reasons.get(peer_id)
+
     def rejections(self) -> dict[str, str]:
         """Each banned peer with why routing skips it: ``unreachable`` for a peer that did not
         answer a ping (likely gone), ``banned`` for a fault."""

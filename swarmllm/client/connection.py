@@ -1,7 +1,9 @@
 """A client's handle on the swarm: a DHT node in client mode, its P2P daemon, and an event loop.
 
 The loop runs in a background thread so the synchronous API (``generate``) can drive many
-concurrent RPCs; every call into it is bounded by a timeout.
+concurrent RPCs; every call into it is bounded by a timeout. The loop only moves bytes: replies
+are decoded and checked on the codec threads (``off_loop``), so a large or hostile reply never
+stalls the other hops, the pings or the heartbeat of a session.
 """
 
 from __future__ import annotations
@@ -10,21 +12,25 @@ import asyncio
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
 
 from swarmllm.dht.coverage import get_coverage
 from swarmllm.dht.node import swarm_dht
 from swarmllm.dht.records import CoverageMap
+from swarmllm.framing import RPCStream
 from swarmllm.protocol import Info, InfoReply, decode_reply, stub
 from swarmllm.security.identity import load_or_create_identity, peer_id_of
 
 T = TypeVar("T")
 
 PING_TIMEOUT = 3.0
+CODEC_THREADS = 2
 
 
 class SwarmUnreachableError(ConnectionError):
@@ -66,6 +72,7 @@ class SwarmConnection:
         self._thread.start()
         self.p2p: P2P = self.run(self.dht.replicate_p2p(), timeout=start_timeout)
         self.rtt: dict[str, float] = {}
+        self._codec = ThreadPoolExecutor(CODEC_THREADS, thread_name_prefix="swarmllm-client-codec")
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run a coroutine on the connection's loop from any other thread; if the wait ends
@@ -83,6 +90,16 @@ class SwarmConnection:
     def stub(self, peer_id: str):
         """The peer's RPC interface (``protocol.SwarmRPC``)."""
         return stub(self.p2p, PeerID.from_base58(peer_id))
+
+    async def open_stream(
+        self, peer_id: str, method: str, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    ) -> RPCStream:
+        """A stream to the peer's ``method`` whose replies are read with a bound on each."""
+        return await RPCStream.open(self.p2p, peer_id, method, requests)
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a codec thread (decoding, checking, verifying a reply)."""
+        return await asyncio.get_running_loop().run_in_executor(self._codec, fn, *args)
 
     async def info(self, peer_id: str, timeout: float = PING_TIMEOUT) -> InfoReply:
         """The peer's ``info`` reply; records the round-trip time as the peer's RTT. Raises
@@ -102,6 +119,7 @@ class SwarmConnection:
             self.run(self.p2p.shutdown(), timeout=5)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
+        self._codec.shutdown(wait=False)
         self.dht.shutdown()
         self._scratch.cleanup()
 

@@ -5,6 +5,11 @@ its session by (this client, stream id), and every signature of the stream cover
 client checks each reply itself (signature, shape, dtype, finite values), so a bad output is
 blamed on the peer that sent it, never on the next hop that would refuse it. A step longer than
 the peer's announced per-message limits is sent in chunks that fit them.
+
+No reply may be longer than the reply the client expects (the output has the shape of what was
+sent): a longer frame is refused before it is read, and every reply is decoded and checked on
+the connection's codec threads, never on its event loop. Either way a peer that sends garbage
+fails its hop, and the session bans it and fails over.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -25,8 +31,10 @@ from swarmllm.blocks.vision import ImageInputs
 from swarmllm.client.connection import SwarmConnection
 from swarmllm.client.profile import HopTiming
 from swarmllm.client.routing import Hop
+from swarmllm.framing import RPCStream
 from swarmllm.protocol import (
     CLOSE,
+    MAX_METADATA_BYTES,
     ErrorCode,
     Forward,
     MalformedMessage,
@@ -52,6 +60,14 @@ logger = logging.getLogger("swarmllm.client")
 NOT_A_FAULT = frozenset({ErrorCode.BUSY, ErrorCode.INVALID, ErrorCode.VERSION, ErrorCode.EXPIRED})
 NONCE_BYTES = 16
 MESSAGE_OVERHEAD = 4096  # bytes of a message besides its tensors' data, when chunking
+OPENED_MAX_BYTES = MAX_METADATA_BYTES + MESSAGE_OVERHEAD  # the longest reply without tensors
+
+
+def reply_max_bytes(sent: torch.Tensor) -> int:
+    """The longest reply to ``sent``: an output of its shape and dtype, and metadata."""
+    # hivemind sends bfloat16 as float32 unless its USE_LEGACY_BFLOAT16 is 0
+    per_value = 4 if sent.dtype == torch.bfloat16 else sent.element_size()
+    return OPENED_MAX_BYTES + sent.numel() * per_value
 
 
 class HopFailure(RuntimeError):
@@ -106,7 +122,7 @@ class HopStream:
         self.stream_id = uuid.uuid4().hex
         self.nonce = secrets.token_bytes(NONCE_BYTES)
         self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
-        self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self._replies: RPCStream | None = None
         self._step = 0
         self.limits: Opened | None = None  # the peer's per-message limits, from its opening
         self.last_timing: HopTiming | None = None  # of the latest step, for profiles
@@ -127,11 +143,14 @@ class HopStream:
         self._outbox.put_nowait(opening.encode())
         timeout = min(self.spec.open_timeout, self.spec.step_timeout)
         try:
-            stub = self.connection.stub(self.hop.peer_id)
-            self._replies = await asyncio.wait_for(stub.rpc_inference(self._requests()), timeout)
+            self._replies = await asyncio.wait_for(
+                self.connection.open_stream(self.hop.peer_id, "rpc_inference", self._requests()),
+                timeout,
+            )
         except Exception as e:
             raise HopFailure(self.hop, f"cannot open a stream: {e or type(e).__name__}") from e
-        self.limits = await self._receive(timeout, Opened)
+        raw = await self._receive(timeout, OPENED_MAX_BYTES)
+        self.limits = await self.connection.off_loop(decode_for, self.hop, raw, Opened)
 
     async def step(
         self, hidden: torch.Tensor, position: int, images: ImageInputs | None = None
@@ -201,7 +220,15 @@ class HopStream:
         self._step += 1
         tensors = _sent_tensors(hidden, images)
         self._outbox.put_nowait(Step(position, self._step, tuple(tensors)).encode())
-        reply: Reply = await self._receive(self.spec.timeout_for(hidden.shape[1]), Reply)
+        timeout = self.spec.timeout_for(hidden.shape[1])
+        raw = await self._receive(timeout, reply_max_bytes(hidden))
+        return await self.connection.off_loop(self._accept, raw, hidden, position, images)
+
+    def _accept(
+        self, raw: bytes, hidden: torch.Tensor, position: int, images: ImageInputs | None
+    ) -> tuple[SignedReply, dict[str, float]]:
+        """(codec thread) The reply to the latest step, decoded, checked and verified."""
+        reply: Reply = decode_for(self.hop, raw, Reply)
         if reply.position != position or reply.step != self._step:
             raise HopFailure(
                 self.hop,
@@ -244,12 +271,12 @@ class HopStream:
             output,
         )
 
-    async def _receive(self, timeout: float, expected: type):
-        """The next reply. While it is late, ping the peer every ``PROBE_AFTER`` seconds: a
-        dead peer's stream does not always drop, and a failed ping fails the hop at once
-        instead of at the timeout."""
+    async def _receive(self, timeout: float, max_bytes: int) -> bytes:
+        """The next reply's bytes (at most ``max_bytes``). While it is late, ping the peer
+        every ``PROBE_AFTER`` seconds: a dead peer's stream does not always drop, and a failed
+        ping fails the hop at once instead of at the timeout."""
         assert self._replies is not None
-        reply = asyncio.ensure_future(read_reply(self._replies, self.hop, timeout, expected))
+        reply = asyncio.ensure_future(read_frame(self._replies, self.hop, timeout, max_bytes))
         try:
             while True:
                 done, _ = await asyncio.wait({reply}, timeout=PROBE_AFTER)
@@ -280,22 +307,34 @@ class HopStream:
         self._outbox.put_nowait(None)
         if self._replies is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._replies.aclose(), 1.0)
+                await self._replies.aclose()
 
 
-async def read_reply(
-    replies: AsyncIterator[runtime_pb2.ExpertResponse], hop: Hop, timeout: float, expected: type
-):
-    """The next reply of a stream, decoded as ``expected``; every way it can fail becomes a
-    ``HopFailure`` (not the peer's fault for the codes in ``NOT_A_FAULT``)."""
+async def read_frame(stream: RPCStream, hop: Hop, timeout: float, max_bytes: int) -> bytes:
+    """The next reply frame of a stream, at most ``max_bytes`` long; every way it can fail
+    becomes a ``HopFailure``."""
     try:
-        reply = await asyncio.wait_for(anext(replies), timeout)
-    except StopAsyncIteration:
-        raise HopFailure(hop, "the peer closed the stream") from None
+        raw = await asyncio.wait_for(stream.read(max_bytes), timeout)
     except asyncio.TimeoutError:
         raise HopFailure(hop, f"no reply within {timeout:.1f} s") from None
+    except RemoteError as e:
+        raise HopFailure(hop, f"error reply: {e.reason}") from e
+    except MalformedMessage as e:
+        raise HopFailure(hop, f"malformed reply: {e}") from e
     except Exception as e:
         raise HopFailure(hop, f"stream failed: {e or type(e).__name__}") from e
+    if raw is None:
+        raise HopFailure(hop, "the peer closed the stream")
+    return raw
+
+
+def decode_for(hop: Hop, raw: bytes, expected: type[Reply | Opened]) -> Any:
+    """A reply frame's bytes decoded as ``expected`` (a codec thread's job); every way it can
+    fail becomes a ``HopFailure`` (not the peer's fault for the codes in ``NOT_A_FAULT``)."""
+    try:
+        reply = runtime_pb2.ExpertResponse.FromString(raw)
+    except Exception as e:  # protobuf's DecodeError, among others
+        raise HopFailure(hop, f"malformed reply: not a message ({e})") from e
     try:
         return decode_reply(reply, expected)
     except RemoteError as e:
@@ -376,17 +415,38 @@ async def signed_forward(
         pad_lengths=pad_lengths,
     )
     try:
-        stub = connection.stub(hop.peer_id)
-        replies = await asyncio.wait_for(stub.rpc_forward(_single(request.encode())), timeout)
+        stream = await asyncio.wait_for(
+            connection.open_stream(hop.peer_id, "rpc_forward", _single(request.encode())),
+            timeout,
+        )
     except Exception as e:
         raise HopFailure(hop, f"cannot call forward: {e or type(e).__name__}") from e
-    reply: Reply = await read_reply(replies, hop, timeout, Reply)
+    try:
+        raw = await read_frame(stream, hop, timeout, reply_max_bytes(hidden))
+    finally:
+        await stream.aclose()
+    return await connection.off_loop(
+        _accept_forward, hop, raw, model_id, request.nonce, hidden, pad_lengths, verify_signatures
+    )
+
+
+def _accept_forward(
+    hop: Hop,
+    raw: bytes,
+    model_id: str,
+    nonce: bytes,
+    hidden: torch.Tensor,
+    pad_lengths: tuple[int, ...] | None,
+    verify_signatures: bool,
+) -> SignedReply:
+    """(codec thread) A forward's reply, decoded, checked and verified."""
+    reply: Reply = decode_for(hop, raw, Reply)
     check_output(hop, hidden, reply.output)
     signed = ActivationDigest.of(
         MessageKind.FORWARD,
         model_id,
         "",
-        request.nonce,
+        nonce,
         0,
         0,
         hop.start,

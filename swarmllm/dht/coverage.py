@@ -1,4 +1,9 @@
-"""Reading the coverage map: which peers announced which blocks of a model, in one DHT round."""
+"""Reading the coverage map: which peers announced which blocks of a model, in one DHT round.
+
+A read takes at most ``MAX_RECORDS_PER_KEY`` records per key, live peers' first (ranked as DHT
+nodes rank what they keep, ``swarmllm.dht.storage``), so its cost does not grow with the number
+of records anyone minted.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from hivemind.utils import get_dht_time
 
 from swarmllm.dht.node import run_bounded
 from swarmllm.dht.records import CoverageMap, PeerRecord, block_key
+from swarmllm.dht.storage import live_peers_of, strongest
 
 logger = logging.getLogger("swarmllm.dht")
 
@@ -67,7 +73,8 @@ async def _get_in_dht(
     """Runs in the DHT process; returns None on timeout (raising there would log a traceback).
 
     ``sufficient_expiration_time=inf`` makes hivemind visit every node holding a key and merge
-    their dictionaries, instead of stopping at the first node that has any entry.
+    their dictionaries, instead of stopping at the first node that has any entry. Of each
+    key's merged entries only the strongest ``MAX_RECORDS_PER_KEY`` leave the process.
     """
     try:
         found = await asyncio.wait_for(
@@ -76,12 +83,13 @@ async def _get_in_dht(
     except asyncio.TimeoutError:
         return None
     raw: _RawEntries = {}
+    is_live = live_peers_of(node)
     for key in keys:
         entry = found[key]
         if entry is not None and isinstance(entry.value, dict):
-            raw[key] = [
-                (sub, item.value, item.expiration_time) for sub, item in entry.value.items()
-            ]
+            items = list(entry.value.items())
+            kept = strongest(is_live, [(sub, item.expiration_time) for sub, item in items])
+            raw[key] = [(s, item.value, item.expiration_time) for s, item in items if s in kept]
         else:
             raw[key] = []  # absent, or a plain value (swarmllm only stores dictionaries)
     return raw

@@ -15,13 +15,15 @@ import hivemind
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.node import DHTNode
 
+from swarmllm.dht.storage import bound_storage
 from swarmllm.security.record_validator import PeerIdSignatureValidator
 
 OWNER_CHECK_PERIOD = 0.5  # seconds between the DHT process's checks that its owner lives
 
 
 class _OwnedDHT(hivemind.DHT):
-    """A DHT whose process ends as soon as the process that started it is gone.
+    """A DHT whose process ends as soon as the process that started it is gone, and whose
+    storage keeps a bounded number of records per key (``swarmllm.dht.storage``).
 
     hivemind runs the node in a child process that outlives a parent killed with SIGKILL. That
     orphan keeps the peer's identity in the swarm and holds its open streams, so clients of a
@@ -31,6 +33,11 @@ class _OwnedDHT(hivemind.DHT):
     def __init__(self, *args: Any, **kwargs: Any):
         self._owner_pid = os.getpid()
         super().__init__(*args, **kwargs)
+
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        super().run_in_background(await_ready=await_ready, timeout=timeout)
+        # through the node's command pipe, which it reads once it is ready
+        self.run_coroutine(bound_storage)
 
     def run(self) -> None:  # the child process's body
         threading.Thread(target=self._end_with_owner, daemon=True).start()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from swarmllm import protocol
 from swarmllm.protocol import WIRE_DTYPES, MalformedMessage, shorten
 
 
@@ -33,10 +34,7 @@ class RequestLimits:
 
 
 def check_message_size(num_bytes: int, limits: RequestLimits) -> None:
-    if num_bytes > limits.max_message_bytes:
-        raise InvalidRequest(
-            f"message of {num_bytes} bytes exceeds the limit of {limits.max_message_bytes} bytes"
-        )
+    protocol.check_message_size(num_bytes, limits.max_message_bytes)
 
 
 def wire_dtype(name: str) -> torch.dtype:
