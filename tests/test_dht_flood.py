@@ -13,12 +13,11 @@ import dataclasses
 import time
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 
 import hivemind
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from dht_nodes import LOOPBACK_MADDRS, loopback_dht
+from dht_nodes import loopback_dht, swarm_node
 from hivemind.dht.node import DHTID, DHTNode
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
@@ -26,10 +25,10 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from swarmllm.dht.announce import announce
 from swarmllm.dht.coverage import get_coverage
-from swarmllm.dht.node import run_bounded, swarm_dht
+from swarmllm.dht.node import run_bounded
 from swarmllm.dht.records import PeerRecord, PeerState, block_key
 from swarmllm.dht.storage import MAX_RECORDS_PER_KEY
-from swarmllm.security.identity import load_or_create_identity, peer_id_of
+from swarmllm.security.identity import peer_id_of
 from swarmllm.security.record_validator import MAX_RECORD_TTL, PeerIdSignatureValidator
 
 MODEL, NUM_BLOCKS = "flooded-model", 3
@@ -98,27 +97,15 @@ async def _signatures_checked(_dht, _node: DHTNode) -> int:
     return PeerIdSignatureValidator.signatures_checked
 
 
-def _node(folder: Path, name: str, initial_peers: list[str], **options) -> hivemind.DHT:
-    path = folder / f"{name}.key"
-    return swarm_dht(
-        path,
-        load_or_create_identity(path),
-        initial_peers=initial_peers,
-        host_maddrs=LOOPBACK_MADDRS,
-        start=True,
-        **options,
-    )
-
-
 @pytest.fixture(scope="module")
 def flooded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flooded]:
     folder = tmp_path_factory.mktemp("flood")
     nodes: list[hivemind.DHT] = []
     keys = [block_key(MODEL, block) for block in range(NUM_BLOCKS)]
     try:
-        nodes.append(_node(folder, "a", []))
+        nodes.append(swarm_node(folder, "a", []))
         initial_peers = [str(maddr) for maddr in nodes[0].get_visible_maddrs()]
-        nodes.append(_node(folder, "b", initial_peers))
+        nodes.append(swarm_node(folder, "b", initial_peers))
         hostile = loopback_dht(initial_peers=initial_peers)  # no validator at all
         nodes.append(hostile)
         honest = nodes[:2]
@@ -131,7 +118,7 @@ def flooded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flooded]:
         assert stored, "the honest nodes stored no minted record at all"
 
         announce(honest[1], MODEL, range(NUM_BLOCKS), _record(), get_dht_time() + 60)
-        nodes.append(_node(folder, "reader", initial_peers, client_mode=True))
+        nodes.append(swarm_node(folder, "reader", initial_peers, client_mode=True))
         kept = [run_bounded(node, partial(_kept, keys), timeout=10) for node in honest]
         yield Flooded(honest, nodes[-1], kept)
     finally:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 
 import hivemind
 import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from dht_nodes import LOOPBACK_MADDRS, loopback_dht
+from dht_nodes import loopback_dht, swarm_node
 from hivemind.dht.node import DHTID, DHTNode
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
@@ -23,9 +22,9 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from swarmllm.dht.announce import announce
 from swarmllm.dht.coverage import get_coverage
-from swarmllm.dht.node import run_bounded, swarm_dht
+from swarmllm.dht.node import run_bounded
 from swarmllm.dht.records import PeerRecord, PeerState, block_key
-from swarmllm.security.identity import load_or_create_identity, peer_id_of
+from swarmllm.security.identity import peer_id_of
 from swarmllm.security.record_validator import (
     MAX_RECORD_BYTES,
     MAX_RECORD_TTL,
@@ -50,25 +49,14 @@ class Swarm:
         return self.honest[1]
 
 
-def _honest_node(folder: Path, name: str, initial_peers: list[str]) -> hivemind.DHT:
-    path = folder / f"{name}.key"
-    return swarm_dht(
-        path,
-        load_or_create_identity(path),
-        initial_peers=initial_peers,
-        host_maddrs=LOOPBACK_MADDRS,
-        start=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     folder = tmp_path_factory.mktemp("hostile-dht")
     nodes: list[hivemind.DHT] = []
     try:
-        nodes.append(_honest_node(folder, "a", []))
+        nodes.append(swarm_node(folder, "a", []))
         initial_peers = [str(maddr) for maddr in nodes[0].get_visible_maddrs()]
-        nodes.append(_honest_node(folder, "b", initial_peers))
+        nodes.append(swarm_node(folder, "b", initial_peers))
         nodes.append(loopback_dht(initial_peers=initial_peers))  # no validator at all
         yield Swarm(nodes[:2], nodes[2], Ed25519PrivateKey.generate())
     finally:
