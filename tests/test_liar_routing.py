@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 import swarmllm.client.reputation as reputation_module
 import swarmllm.client.session as session_module
@@ -91,8 +91,8 @@ def test_decode_timings_are_averaged_per_block_without_the_rtt() -> None:
 
 
 def test_the_plausible_floor_grows_with_the_model() -> None:
-    tiny = SimpleNamespace(hidden_size=64, num_attention_heads=4, intermediate_size=128)
-    large = SimpleNamespace(
+    tiny = LlamaConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128)
+    large = LlamaConfig(
         hidden_size=8192, num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672
     )
     assert plausible_block_seconds(tiny) == reputation_module.MIN_LAYER_SECONDS

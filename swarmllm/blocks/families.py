@@ -12,6 +12,7 @@ import importlib
 from collections.abc import Collection
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -98,6 +99,12 @@ def family_of(config: PretrainedConfig) -> Family:
         raise ValueError(
             f"unsupported model architecture {config.model_type!r}; supported families: {supported}"
         ) from None
+
+
+def meta_layer(config: PretrainedConfig) -> nn.Module:
+    """One decoder layer of ``config``'s family on the ``meta`` device: its shapes, no memory."""
+    with torch.device("meta"):
+        return family_of(config).decoder_layer(config, layer_idx=0)
 
 
 def sliding_window_of(config: PretrainedConfig, layer_index: int) -> int | None:

@@ -21,6 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from transformers import PretrainedConfig
+
+from swarmllm.blocks.families import meta_layer
+
 # The fastest a decoder layer can plausibly run one token: its weights read once at the memory
 # bandwidth of a device beyond any current accelerator (at 4 bits a weight), and no less than a
 # few kernel launches.
@@ -33,15 +37,9 @@ COOLDOWN_SECONDS, MAX_COOLDOWN_SECONDS = 10.0, 300.0
 MEASURED_WEIGHT = 0.3  # of a new decode timing in the moving average
 
 
-def plausible_block_seconds(config: Any) -> float:
+def plausible_block_seconds(config: PretrainedConfig) -> float:
     """A lower bound on the seconds one decoder layer of ``config`` takes for one token."""
-    hidden = int(getattr(config, "hidden_size", 0) or 0)
-    heads = int(getattr(config, "num_attention_heads", 1) or 1)
-    head_dim = int(getattr(config, "head_dim", 0) or 0) or hidden // heads
-    kv_heads = int(getattr(config, "num_key_value_heads", 0) or 0) or heads
-    intermediate = int(getattr(config, "intermediate_size", 0) or 0) or 4 * hidden
-    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-    weights = attention + 3 * hidden * intermediate
+    weights = sum(param.numel() for param in meta_layer(config).parameters())
     return max(MIN_LAYER_SECONDS, weights * BYTES_PER_WEIGHT / DEVICE_BYTES_PER_S)
 
 

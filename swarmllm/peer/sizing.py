@@ -16,7 +16,7 @@ import psutil
 import torch
 from transformers import PretrainedConfig
 
-from swarmllm.blocks.families import family_of
+from swarmllm.blocks.families import meta_layer
 from swarmllm.blocks.placement import Placement
 from swarmllm.blocks.quantization import bytes_per_block
 
@@ -51,8 +51,7 @@ class BlockBudget:
 def block_budget(
     config: PretrainedConfig, placement: Placement, cache_tokens: int, max_memory: int | None
 ) -> BlockBudget:
-    with torch.device("meta"):
-        layer = family_of(config).decoder_layer(config, layer_idx=0)
+    layer = meta_layer(config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
