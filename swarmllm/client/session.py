@@ -346,9 +346,17 @@ async def _open_all(streams: list[HopStream]) -> None:
 
 
 def _before(chunks: list[torch.Tensor], position: int) -> list[torch.Tensor]:
-    """The tokens of ``chunks`` (one per step, along dim 1) before ``position``."""
-    kept = torch.cat(chunks, dim=1)[:, :position] if chunks else None
-    return [kept] if kept is not None and kept.shape[1] else []
+    """The tokens of ``chunks`` (one per step, along dim 1) before ``position``: the chunks
+    before it as they are and the one it cuts sliced (views, no copy: speculative decoding
+    rewinds every round)."""
+    kept: list[torch.Tensor] = []
+    length = 0
+    for chunk in chunks:
+        if length >= position:
+            break
+        kept.append(chunk[:, : position - length])
+        length += chunk.shape[1]
+    return kept
 
 
 def _merged(earlier: ImageInputs | None, later: ImageInputs) -> ImageInputs:
