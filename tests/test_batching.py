@@ -114,7 +114,7 @@ def test_sessions_joining_and_leaving_a_batch_decode_as_if_alone(source):
     prompt runs alone while the others decode), and they leave after different numbers of
     tokens. Every session's greedy tokens and logits equal its run alone."""
     chain = LocalChain.load(source)
-    plan = [(tokens(7, seed=1), 12, None), (tokens(19, seed=2), 8, None), (tokens(3, 3), 9, (0, 2))]
+    plan = [(tokens(7, seed=1), 14, None), (tokens(19, seed=2), 8, None), (tokens(3, 3), 9, (0, 2))]
     alone = [chain_generate(chain, prompt, n) for prompt, n, _ in plan]
 
     runner = ChainOnWorker(chain, window=0.05)
@@ -343,3 +343,60 @@ def test_a_batch_counts_every_row_at_the_longest_session_s_length(llama_span):
     finally:
         worker.shutdown()
     assert batches == [1, 1]
+
+
+def test_sessions_stepped_together_batch_from_their_first_decode_step(llama_span):
+    """A client that steps its sessions together (it sends the next round once every session
+    has its reply): their prompts run alone, and the first decode step to arrive waits for the
+    others instead of running alone and leaving them to wait out the window for it."""
+    worker = BatchingWorker(window=30.0)
+    width = llama_span.config.hidden_size
+    caches = [llama_span.new_cache() for _ in range(3)]
+
+    async def step(cache: KVCache, index: int, length: int) -> Computed:
+        await asyncio.sleep(0.02 * index)  # the steps of one round arrive a little apart
+        return await worker.forward(llama_span, torch.randn(1, length, width), cache, None)
+
+    async def rounds() -> list[list[int]]:
+        await asyncio.gather(*(step(c, i, 3 + i) for i, c in enumerate(caches)))
+        batches = []
+        for _ in range(3):
+            computed = await asyncio.gather(*(step(c, i, 1) for i, c in enumerate(caches)))
+            batches.append([c.batch for c in computed])
+        return batches
+
+    try:
+        batches = asyncio.run(asyncio.wait_for(rounds(), timeout=20))
+    finally:
+        worker.shutdown()
+    assert batches == [[3, 3, 3]] * 3
+
+
+def test_a_session_served_while_a_step_waited_is_not_waited_for(llama_span, monkeypatch):
+    """Two sessions send their first decode step here together (their prompts ran before this
+    worker saw them): the first runs alone, and the second, queued during that pass, does not
+    wait for the first's next step, which its client sends only once this round is answered."""
+    forward = llama_span.forward
+
+    def slow_forward(*args):
+        time.sleep(0.2)
+        return forward(*args)
+
+    monkeypatch.setattr(llama_span, "forward", slow_forward)
+    worker = BatchingWorker(window=30.0, active_period=30.0)
+    first, second = prefilled(llama_span, 3), prefilled(llama_span, 5)
+    x = torch.randn(1, 1, llama_span.config.hidden_size)
+
+    async def late(cache: KVCache) -> Computed:
+        await asyncio.sleep(0.05)  # queued while the first step's pass runs
+        return await worker.forward(llama_span, x, cache, None)
+
+    async def round_() -> list[Computed]:
+        return await asyncio.gather(worker.forward(llama_span, x, first, None), late(second))
+
+    try:
+        computed = asyncio.run(asyncio.wait_for(round_(), timeout=20))
+    finally:
+        worker.shutdown()
+    assert [c.batch for c in computed] == [1, 1]
+    assert computed[1].queued < 5.0

@@ -9,10 +9,14 @@ forward (a spot-check, or anyone's bulk job) runs only when no inference step is
 it has waited ``FORWARD_MAX_WAIT`` seconds. Every job taken from the queue gets its result or an
 error, whatever fails.
 
-While a session that sent a decode step for that span in the last ``active_period`` seconds
-is missing from the batch, the batch waits for it, at most ``window`` seconds: a lone session
-never waits, sessions stepping in lockstep are batched whole instead of one plus the rest, and
-a session that closes (its cache is freed) or goes idle stops holding the others up. By default
+While a session that ran its prompt or sent a decode step for that span in the last
+``active_period`` seconds is missing from the batch, the batch waits for it, at most ``window``
+seconds: a lone session never waits, sessions stepping in lockstep are batched whole instead of
+one plus the rest (from their first decode step on), and a session that closes (its cache is
+freed) or goes idle stops holding the others up. A session that was served while the batch's
+first step already waited is not waited for: it is a step ahead, and a client that steps its
+sessions together (ours and the API server do) sends its next step only once this one is
+answered, so waiting for it would only stall both for the whole window. By default
 the window is as long as the span's last decode pass (waiting longer for a straggler would cost
 more than running it in a pass of its own), but at least ``MIN_AUTO_WINDOW``: steps sent together
 reach the queue that far apart after their off-loop decoding, so a span faster than that would
@@ -55,6 +59,16 @@ MAX_BATCH_TOKENS = 32768
 FORWARD_MAX_WAIT = 2.0  # seconds a stateless forward may be overtaken by inference steps
 
 
+@dataclass
+class _Activity:
+    """When a session's cache last came to a span for its prompt or a decode step, and when
+    its last pass there finished (``time.perf_counter`` seconds)."""
+
+    span: BlockSpan
+    seen: float
+    served: float = float("-inf")
+
+
 class Computed(NamedTuple):
     output: torch.Tensor
     seconds: float  # wall time of the forward pass that produced it (shared by its batch)
@@ -70,6 +84,11 @@ class _Job:
     pad_lengths: torch.Tensor | None
     future: asyncio.Future[Computed]
     submitted: float = field(default_factory=time.perf_counter)
+    # a prompt (or replay) fills an empty cache: its session decodes here next
+    fills_cache: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fills_cache = self.cache is not None and self.cache.length == 0
 
     @property
     def batchable(self) -> bool:
@@ -98,11 +117,9 @@ class BatchingWorker(ComputeWorker):
         self._queue: deque[_Job] = deque()
         self._arrived = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
-        # when each session's cache last sent a decode step, and on which span; a closed
-        # session drops out as soon as its cache is garbage
-        self._last_decode: weakref.WeakKeyDictionary[KVCache, tuple[BlockSpan, float]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # each session's last prompt or decode step; a closed session drops out as soon as
+        # its cache is garbage
+        self._activity: weakref.WeakKeyDictionary[KVCache, _Activity] = weakref.WeakKeyDictionary()
 
     async def forward(
         self,
@@ -114,7 +131,7 @@ class BatchingWorker(ComputeWorker):
         """``span(hidden, cache, pad_lengths)`` on the compute thread, batched when possible."""
         job = _Job(span, hidden, cache, pad_lengths, asyncio.get_running_loop().create_future())
         if job.batchable:
-            self._last_decode[cache] = (span, time.monotonic())
+            self._note(cache, span, seen=job.submitted)
         self._queue.append(job)
         self._arrived.set()
         if self._dispatcher is None or self._dispatcher.done():
@@ -142,6 +159,11 @@ class BatchingWorker(ComputeWorker):
                 if not isinstance(e, Exception):
                     raise
 
+    def _note(self, cache: KVCache, span: BlockSpan, **times: float) -> None:
+        activity = self._activity.setdefault(cache, _Activity(span, seen=float("-inf")))
+        for name, value in times.items():
+            setattr(activity, name, value)
+
     def _next(self) -> _Job:
         """The oldest inference step, unless a stateless forward has waited too long."""
         oldest = self._queue[0]
@@ -159,7 +181,7 @@ class BatchingWorker(ComputeWorker):
         if window is None:
             last_pass = self._last_pass.get(first.span, 0.0)
             window = min(MAX_AUTO_WINDOW, max(MIN_AUTO_WINDOW, last_pass))
-        deadline = time.monotonic() + window
+        deadline = time.perf_counter() + window
         while True:
             batch, rows = [first], first.hidden.shape[0]
             longest = first.cache.length + 1
@@ -170,13 +192,15 @@ class BatchingWorker(ComputeWorker):
                         continue  # runs in a later pass
                     batch.append(job)
                     rows, longest = rows + more, length
-            now = time.monotonic()
-            # when each active session missing from the batch stops counting as active
+            now = time.perf_counter()
+            # when each active session missing from the batch (and not a step ahead of it)
+            # stops counting as active
             missing = [
-                seen + self.active_period
-                for cache, (span, seen) in list(self._last_decode.items())
-                if span is first.span
-                and now < seen + self.active_period
+                activity.seen + self.active_period
+                for cache, activity in list(self._activity.items())
+                if activity.span is first.span
+                and now < activity.seen + self.active_period
+                and activity.served < first.submitted
                 and all(job.cache is not cache for job in batch)
             ]
             if not missing or rows >= self.max_rows or now >= deadline:
@@ -213,6 +237,7 @@ class BatchingWorker(ComputeWorker):
             return
         self._last_pass[span] = seconds
         for job, output in zip(batch, outputs, strict=True):
+            self._note(job.cache, span, served=started + seconds)
             if not job.future.done():
                 job.future.set_result(
                     Computed(output, seconds, started - job.submitted, len(batch))
@@ -230,8 +255,12 @@ class BatchingWorker(ComputeWorker):
             return
         if not job.future.done():
             job.future.set_result(Computed(output, seconds, started - job.submitted, 1))
+        finished = started + seconds
         if job.batchable:
             self._last_pass[job.span] = seconds
+            self._note(job.cache, job.span, served=finished)
+        elif job.fills_cache:
+            self._note(job.cache, job.span, seen=finished, served=finished)
 
 
 def _timed(threads: int, fn: Callable[..., T], *args) -> tuple[T, float, float]:
