@@ -15,7 +15,7 @@ from swarmllm.blocks.placement import Placement, PlacementError, resolve_placeme
 from swarmllm.blocks.quantization import Int8WeightOnlyLinear, bytes_per_block
 from swarmllm.blocks.span import BlockSpan
 from swarmllm.client.routing import NoRouteError, find_route
-from swarmllm.client.verification import TOLERANCES, relative_error, tolerance_for
+from swarmllm.client.verification import TOLERANCES, relative_error, tolerance_for, wire_rounding
 from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState
 from swarmllm.peer.server import PeerSettings, check_budget
 from swarmllm.peer.sizing import block_budget, parse_memory
@@ -153,10 +153,12 @@ def test_routes_keep_to_the_minimum_precision():
 def test_spot_check_tolerance_follows_the_coarsest_precision():
     records = {"a": _record(), "b": _record(quant="int8"), "c": _record("bfloat16", "nf4")}
     answers = dict.fromkeys(records, torch.zeros(1))
-    assert tolerance_for(torch.float32, {"a": answers["a"]}, records) == TOLERANCES["float32"]
-    assert tolerance_for(torch.float16, {"a": answers["a"]}, records) == TOLERANCES["float16"]
-    assert tolerance_for(torch.float32, {"a": 0, "b": 0}, records) == TOLERANCES["int8"]
-    assert tolerance_for(torch.float32, answers, records) == TOLERANCES["nf4"]
+    fp32_wire = wire_rounding(torch.float32)
+    assert tolerance_for(torch.float32, {"a": answers["a"]}, records) == (
+        TOLERANCES["float32"] + fp32_wire
+    )
+    assert tolerance_for(torch.float32, {"a": 0, "b": 0}, records) == TOLERANCES["int8"] + fp32_wire
+    assert tolerance_for(torch.float32, answers, records) == TOLERANCES["nf4"] + fp32_wire
     assert TOLERANCES["float32"] < TOLERANCES["int8"] < TOLERANCES["nf4"] < 1
 
 

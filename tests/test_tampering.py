@@ -9,6 +9,7 @@ reaches the LM head and the generation equals transformers' token for token.
 from __future__ import annotations
 
 import logging
+import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -144,28 +145,65 @@ def test_valid_signatures_over_wrong_values_are_caught_by_spot_checks(outcome: O
     assert relative_error(checked.output, honest_a) > 10 * tolerance
 
 
-def test_a_single_lie_is_caught_by_a_later_spot_check(llama: ModelSource, prompt, tmp_path) -> None:
-    """A peer that lies at its third decode step only, with a quarter of steps checked: a check
-    re-runs the hop's whole sequence and compares every earlier token too (a check of the one
-    step alone would miss it three times in four; this one misses it with 0.75^38 < 2e-5)."""
+class ScriptedDraws:
+    """The spot-checker's randomness, scripted: a check on the given draws only (the client
+    draws once per hop per step, in route order)."""
+
+    def __init__(self, checked_draws: set[int]):
+        self.draws, self.checked_draws = 0, checked_draws
+
+    def random(self) -> float:
+        self.draws += 1
+        return 0.0 if self.draws in self.checked_draws else 0.999
+
+    def shuffle(self, items: list) -> None:
+        random.shuffle(items)
+
+
+@pytest.mark.parametrize(
+    ("checked_draws", "caught_at_step"),
+    # step 20's draw for the first hop (2 hops a step); none: only the closing check runs,
+    # after the 40th step (the prompt and 39 tokens; the last token is never fed)
+    [({39}, 20), (set(), 40)],
+    ids=["by-a-later-step", "by-the-closing-check"],
+)
+def test_a_single_lie_is_caught_and_the_tokens_it_led_to_are_made_again(
+    llama: ModelSource, prompt, tmp_path, checked_draws, caught_at_step
+) -> None:
+    """The first hop lies at its third decode step only (position 12). A check re-runs the
+    hop's whole sequence, so a check of a later step sees the lie, and the generation ends with
+    a check of every hop that runs surely. By then the lie has reached the next hop's cache and
+    the tokens after it: the session rewinds to it and the result equals transformers' greedy
+    tokens. (The old code missed the lie without a random check after it, and when one came,
+    kept the tokens the lie had led to: they differed from token 17 on.)"""
+    new_tokens = 40
+    reference = AutoModelForCausalLM.from_pretrained(llama.path, dtype=torch.float32).eval()
+    want = reference.generate(
+        prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0].tolist()
     with LocalSwarm(0, source=llama, workdir=tmp_path) as swarm:
-        first = swarm.start_peer("honest-first", (0, 3))
-        liar = swarm.start_peer("lies-once", (3, 6), launcher=launcher("noise-once"))
+        liar = swarm.start_peer("lies-once", (0, 3), launcher=launcher("noise-once"))
+        last = swarm.start_peer("honest-last", (3, 6))
         swarm.wait_until_ready(timeout=180)
         with (
             DistributedModelForCausalLM.from_pretrained(
-                str(llama.path), initial_peers=swarm.initial_peers, verify_fraction=0.25
+                str(llama.path), initial_peers=swarm.initial_peers, verify_fraction=0.01
             ) as model,
-            model.inference_session(max_length=PROMPT_LENGTH + 40) as session,
+            model.inference_session(max_length=PROMPT_LENGTH + new_tokens) as session,
         ):
-            assert [hop.peer_id for hop in session.route] == [first.peer_id, liar.peer_id]
+            assert [hop.peer_id for hop in session.route] == [liar.peer_id, last.peer_id]
+            session._session.verifier.rng = ScriptedDraws(checked_draws)
             # two, so that a third answer settles who lied
-            verifiers = [swarm.start_peer(f"honest-verifier-{i}", (3, 6)) for i in range(2)]
+            verifiers = [swarm.start_peer(f"honest-verifier-{i}", (0, 3)) for i in range(2)]
             swarm.wait_until_ready(timeout=180)
-            model.generate(prompt, session=session, max_new_tokens=40, eos_token_id=[])
+            got = model.generate(
+                prompt, session=session, max_new_tokens=new_tokens, eos_token_id=[]
+            )
             evidence = list(session.evidence)
             banned = model.bans.banned()
+    assert got[0].tolist() == want
     assert liar.peer_id in banned
-    assert not {first.peer_id, *(peer.peer_id for peer in verifiers)} & banned
+    assert not {last.peer_id, *(peer.peer_id for peer in verifiers)} & banned
     (caught,) = evidence
     assert caught.banned == (liar.peer_id,)
+    assert caught.step == caught_at_step

@@ -7,7 +7,13 @@ import torch
 
 from swarmllm.blocks.sources import ModelSource
 from swarmllm.blocks.span import BlockSpan
-from swarmllm.client.verification import TOLERANCES, outliers, relative_error, tolerance_for
+from swarmllm.client.verification import (
+    TOLERANCES,
+    outliers,
+    relative_error,
+    tolerance_for,
+    wire_rounding,
+)
 from swarmllm.dht.records import PeerRecord, PeerState
 
 TOLERANCE = TOLERANCES["float32"]
@@ -73,15 +79,45 @@ def test_the_tolerance_passes_honest_rounding_and_catches_tampering(
         assert relative_error(tampered, stateless) > tolerance
 
 
-def test_the_coarsest_dtype_involved_sets_thetolerance_for(right: torch.Tensor) -> None:
+def test_the_answering_peers_precision_plus_the_wire_rounding_sets_the_tolerance(
+    right: torch.Tensor,
+) -> None:
     def record(dtype: str) -> PeerRecord:
         return PeerRecord(PeerState.ONLINE, 0, 1, 1.0, 1, "0.1.0", dtype)
 
     f32 = {"a": record("float32"), "b": record("float32")}
     mixed = {"a": record("float32"), "b": record("bfloat16")}
     answers = {"a": right, "b": right}
-    assert tolerance_for(torch.float32, answers, f32) == TOLERANCES["float32"]
-    assert tolerance_for(torch.float16, answers, f32) == TOLERANCES["float16"]
-    assert tolerance_for(torch.float32, answers, mixed) == TOLERANCES["bfloat16"]
+    fp32_wire = wire_rounding(torch.float32)
+    assert tolerance_for(torch.float32, answers, f32) == TOLERANCES["float32"] + fp32_wire
+    assert tolerance_for(torch.float16, answers, f32) == (
+        TOLERANCES["float32"] + wire_rounding(torch.float16)
+    )
+    assert tolerance_for(torch.float32, answers, mixed) == TOLERANCES["bfloat16"] + fp32_wire
     # a peer that did not answer does not loosen the comparison of those that did
-    assert tolerance_for(torch.float32, {"a": right}, mixed) == TOLERANCES["float32"]
+    assert tolerance_for(torch.float32, {"a": right}, mixed) == TOLERANCES["float32"] + fp32_wire
+
+
+def test_a_bfloat16_wire_between_float32_peers_catches_a_two_percent_scaling(llama) -> None:
+    """Both answers come rounded to the wire dtype: that rounding, not bfloat16 compute, is the
+    honest difference. A peer scaling its output by 2% stayed inside the bfloat16 compute
+    tolerance (1e-1) that the wire used to get; the wire's own bound catches it, and honest
+    cached steps against a stateless forward stay inside it."""
+    span = BlockSpan.from_weights(llama.config, llama.weight_files(), 0, 3)
+    inputs = torch.randn(
+        1, 20, llama.config.hidden_size, generator=torch.Generator().manual_seed(5)
+    )
+    inputs = inputs.to(torch.bfloat16).float()  # what the hop and the verifier both receive
+    cache = span.new_cache()
+    stepped = torch.cat(
+        [span(inputs[:, :12], cache), *(span(inputs[:, t : t + 1], cache) for t in range(12, 20))],
+        dim=1,
+    )
+    stateless = span(inputs)
+    honest, verifier = stepped.to(torch.bfloat16), stateless.to(torch.bfloat16)
+    scaled = (1.02 * stepped).to(torch.bfloat16)
+    fp32 = {"liar": PeerRecord(PeerState.ONLINE, 0, 3, 1.0, 1, "0.1.0", "float32")}
+    fp32["verifier"] = fp32["liar"]
+    tolerance = tolerance_for(torch.bfloat16, {"liar": scaled, "verifier": verifier}, fp32)
+    assert relative_error(honest, verifier) <= tolerance
+    assert relative_error(scaled, verifier) > tolerance

@@ -12,11 +12,19 @@ own (``TokenSampler.verify``). The session then rewinds to the last kept token: 
 history (what a failover replays) at once, the peers' caches at the next step, whose position
 tells them where to cut. Every round thus gives one to k + 1 tokens for one trip through the
 chain, and the tokens are those (greedy) or distributed as those (sampling) of plain decoding.
+
+With verification on, a spot-check may find that a hop lied in an earlier step: its session
+rewinds to the first wrong position (``SessionRewound``) and the sequence drops the tokens
+made from it and makes them again. When every sequence is done, each session is checked once
+more, whole (``audit``), and a sequence whose check finds a lie goes back to generating. The
+result then holds only tokens computed from outputs that passed a check; a streamer has
+already been given the dropped ones (a warning says so).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,9 +41,16 @@ from swarmllm.client.drafting import (
 )
 from swarmllm.client.profile import measure, phase_of
 from swarmllm.client.sampling import SamplingParams, TokenSampler
+from swarmllm.client.session import SessionFailedError, SessionRewound
 
 if TYPE_CHECKING:
     from swarmllm.client.model import ClientSession
+
+logger = logging.getLogger("swarmllm.client")
+
+# times one sequence may go back to generating after a lie was caught (each time the liar is
+# banned, so only a swarm of many liars gets there)
+MAX_REGENERATIONS = 8
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,8 @@ class _Sequence:
         self.to_feed = self.history[:, session.position :]
         offset = self.history.shape[1] - prompt.shape[1]
         self.images = images.shifted(offset) if images is not None else None
+        self.eos = torch.tensor(sorted(settings.eos_token_ids), dtype=torch.long)
+        self.regenerations = 0
         self.sampler = TokenSampler(settings.sampling)
         self.speculation = Speculation(self.sampler, settings.speculative, session.speculation)
         self.streamer = streamer
@@ -185,28 +202,51 @@ class _Sequence:
         )
         return torch.cat([self.to_feed, self.speculation.plan(self.history, room)], dim=1)
 
-    def accept(
-        self, logits: torch.Tensor, eos: torch.Tensor, decode: Callable[[torch.Tensor], list[str]]
-    ) -> None:
+    def accept(self, logits: torch.Tensor, decode: Callable[[torch.Tensor], list[str]]) -> None:
         """Take this round's tokens from ``logits`` [rows, drafts + 1, vocab] and rewind the
         session to the last one of them (which, as in plain decoding, it does not hold yet)."""
         for column in self.speculation.tokens(self.history, logits).unbind(dim=1):
-            self._take(column, eos, decode)
+            self._take(column, decode)
             if self.done:
                 break
         self.to_feed = self.history[:, -1:]
         if self.session.position > self.history.shape[1] - 1:
             self.session.rewind(self.history.shape[1] - 1)
 
-    def _take(
-        self, tokens: torch.Tensor, eos: torch.Tensor, decode: Callable[[torch.Tensor], list[str]]
-    ) -> None:
+    def regenerate_from(self, position: int, decode: Callable[[torch.Tensor], list[str]]) -> None:
+        """The session forgot every token from ``position`` on (a hop lied there): drop the
+        tokens sampled from its outputs since and feed the token at ``position`` again."""
+        self.regenerations += 1
+        if self.regenerations > MAX_REGENERATIONS:
+            raise SessionFailedError(
+                f"peers were caught lying {self.regenerations} times in one generation"
+            )
+        first_generated = self.history.shape[1] - len(self.generated)
+        kept = max(position + 1, first_generated)  # the token at ``position`` came before
+        dropped = self.history.shape[1] - kept
+        if self.streamer is not None and dropped:
+            logger.warning(
+                "the last %d streamed token(s) came from a peer caught lying; they are made again",
+                dropped,
+            )
+        self.history = self.history[:, :kept]
+        self.generated = self.generated[: kept - first_generated]
+        self.to_feed = self.history[:, position:]
+        self.finished = torch.zeros_like(self.finished)
+        for tokens in self.generated:
+            self._mark_finished(tokens, decode)
+
+    def _take(self, tokens: torch.Tensor, decode: Callable[[torch.Tensor], list[str]]) -> None:
         tokens = torch.where(self.finished, self.settings.pad_token_id, tokens)
         self.generated.append(tokens)
         self.history = torch.cat([self.history, tokens[:, None]], dim=1)
         if self.streamer is not None:
             self.streamer.put(tokens)
-        self.finished |= torch.isin(tokens, eos)
+        self._mark_finished(tokens, decode)
+
+    def _mark_finished(self, tokens: torch.Tensor, decode: Callable[[torch.Tensor], list[str]]):
+        """Rows whose new ``tokens`` end them: an EOS, or a stop string in the text so far."""
+        self.finished |= torch.isin(tokens, self.eos)
         if self.settings.stop_strings:
             texts = decode(torch.stack(self.generated, dim=1))
             stops = self.settings.stop_strings
@@ -245,8 +285,7 @@ def generate_tokens(
         )
     ]
     connection, profile = sessions[0].model.connection, sessions[0].profile
-    eos = torch.tensor(sorted(settings.eos_token_ids), dtype=torch.long)
-    active = sequences
+    active, unaudited = sequences, sequences
     while active:
         feeds = [seq.plan() for seq in active]
         phases = [
@@ -258,27 +297,78 @@ def generate_tokens(
             inputs = [head.embed(feed) for feed in feeds]
         with measure(profile, phase, "swarm"):
             steps = [
-                seq.session.step_async(x, images=seq.images, phase=seq_phase)
+                _step(seq, x, seq_phase)
                 for seq, x, seq_phase in zip(active, inputs, phases, strict=True)
             ]
             outputs = connection.run(gather_or_cancel(*steps))
-        for seq in active:
-            seq.images = None  # the caches hold the image tokens now
-        with measure(profile, phase, "head"):
-            # the last position of what was fed, and every draft's
-            shapes = [(seq.prompt.shape[0], seq.drafts.shape[1] + 1) for seq in active]
-            last = torch.cat(
-                [
-                    output[:, -width:].reshape(rows * width, -1)
-                    for output, (rows, width) in zip(outputs, shapes, strict=True)
-                ]
-            )
-            logits = head.logits(last).split([rows * width for rows, width in shapes])
-        with measure(profile, phase, "sampling"):
-            for seq, rows, (count, width) in zip(active, logits, shapes, strict=True):
-                seq.accept(rows.reshape(count, width, -1), eos, decode)
-        active = [seq for seq in active if not seq.done]
+        rewound = [seq for seq, output in zip(active, outputs, strict=True) if output is None]
+        for seq in rewound:
+            seq.regenerate_from(seq.session.position, decode)
+        stepped = [(seq, out) for seq, out in zip(active, outputs, strict=True) if out is not None]
+        if stepped:
+            _take_tokens(head, stepped, profile, phase, decode)
+        active = [seq for seq in sequences if not seq.done]
+        if not active:  # every sequence is done: check each one whole once, surely
+            active = unaudited = _caught_lying(connection, unaudited, decode)
     return [seq.finish() for seq in sequences]
+
+
+def _take_tokens(
+    head: ModelHead,
+    stepped: list[tuple[_Sequence, torch.Tensor]],
+    profile: Any,
+    phase: str,
+    decode: Callable[[torch.Tensor], list[str]],
+) -> None:
+    """Run the LM head once over every stepped sequence's new positions and let each take
+    its tokens."""
+    for seq, _ in stepped:
+        seq.images = None  # the caches hold the image tokens now
+    with measure(profile, phase, "head"):
+        # the last position of what was fed, and every draft's
+        shapes = [(seq.prompt.shape[0], seq.drafts.shape[1] + 1) for seq, _ in stepped]
+        last = torch.cat(
+            [
+                output[:, -width:].reshape(rows * width, -1)
+                for (_, output), (rows, width) in zip(stepped, shapes, strict=True)
+            ]
+        )
+        logits = head.logits(last).split([rows * width for rows, width in shapes])
+    with measure(profile, phase, "sampling"):
+        for (seq, _), rows, (count, width) in zip(stepped, logits, shapes, strict=True):
+            seq.accept(rows.reshape(count, width, -1), decode)
+
+
+def _caught_lying(
+    connection: Any, sequences: list[_Sequence], decode: Callable[[torch.Tensor], list[str]]
+) -> list[_Sequence]:
+    """The sequences whose closing check caught a lie, each rewound past it."""
+    clean = connection.run(gather_or_cancel(*(_audit(seq) for seq in sequences)))
+    caught = [seq for seq, passed in zip(sequences, clean, strict=True) if not passed]
+    for seq in caught:
+        seq.regenerate_from(seq.session.position, decode)
+    return caught
+
+
+async def _step(seq: _Sequence, hidden: torch.Tensor, phase: str) -> torch.Tensor | None:
+    """The sequence's step through the swarm, or None when its session rewound (a hop was
+    caught lying in an earlier step)."""
+    try:
+        return await seq.session.step_async(hidden, images=seq.images, phase=phase)
+    except SessionRewound as rewound:
+        logger.warning("%s; generating from there again", rewound)
+        return None
+
+
+async def _audit(seq: _Sequence) -> bool:
+    """Whether the sequence's session passes a check of every hop's whole history (when it
+    does not, the session has rewound past the lie)."""
+    try:
+        await seq.session.audit_async()
+    except SessionRewound as rewound:
+        logger.warning("closing check: %s; generating from there again", rewound)
+        return False
+    return True
 
 
 async def gather_or_cancel(*steps) -> list:

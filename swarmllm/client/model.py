@@ -93,6 +93,11 @@ class ClientSession:
         with measure(self.profile, phase_of(hidden.shape[1]), "swarm"):
             return self.model.connection.run(self.step_async(hidden, position, images))
 
+    async def audit_async(self) -> None:
+        """Spot-check every hop's whole history (with verification on); raises SessionRewound
+        when a hop is caught lying (see ``InferenceSession.audit``)."""
+        await self._session.audit()
+
     async def step_async(
         self,
         hidden: torch.Tensor,

@@ -13,6 +13,13 @@ skips each peer that failed an earlier attempt of the same search, so peers that
 much and serve nothing (anyone can mint as many as they like) cost one attempt each and cannot
 use up the budget before an honest peer is tried. What the client sees of each peer feeds the
 router's ``reputation``.
+
+A spot-check (``verification``) that outvotes a hop fails it over like any fault. When the
+wrong output lies in an earlier step, the hops after it have cached what it led to, and the
+tokens sampled since came from it: the session rewinds to the first wrong position and raises
+``SessionRewound`` so that the generation makes those tokens again. ``audit`` checks every
+hop's whole history once more, surely, when a generation ends: a lie in its last steps would
+otherwise escape the random checks.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from swarmllm.client.hop import HopFailure, HopStream, SessionSpec
 from swarmllm.client.profile import Profile, phase_of
 from swarmllm.client.router import Router
 from swarmllm.client.routing import Hop, NoRouteError
-from swarmllm.client.verification import SpotChecker, VerificationEvidence
+from swarmllm.client.verification import OutvotedHop, SpotChecker, VerificationEvidence
 from swarmllm.protocol import ErrorCode
 
 logger = logging.getLogger("swarmllm.client")
@@ -45,6 +52,15 @@ MAX_OPENING = 16  # routes opening at once in one search
 
 class SessionFailedError(RuntimeError):
     """A step could not complete within the failover budget."""
+
+
+class SessionRewound(RuntimeError):
+    """A hop was caught lying from ``position`` on, in a step already taken: the session has
+    replaced it and forgotten every token from there; the caller makes them again."""
+
+    def __init__(self, position: int, reason: str):
+        super().__init__(f"rewound to position {position}: {reason}")
+        self.position = position
 
 
 class InferenceSession:
@@ -129,6 +145,8 @@ class InferenceSession:
             except HopFailure as failure:
                 self._penalise(failure)
                 await self._fail_over(index)
+                if isinstance(failure, OutvotedHop) and failure.first_wrong < position:
+                    self._rewind_past_lie(failure)
                 continue  # retry this step on the replacement
             self._observe(self.hops[index], hidden.shape[1], phase)
             accepted.append(hidden)
@@ -143,6 +161,34 @@ class InferenceSession:
             self.images = _merged(self.images, images)
         self.position = position + hidden.shape[1]
         return hidden
+
+    async def audit(self) -> None:
+        """Spot-check every hop's whole history now (a no-op without a verifier); raise
+        SessionRewound when one is outvoted (it is replaced)."""
+        if self.verifier is None:
+            return
+        for index in range(len(self.hops)):
+            history, outputs = self.history[index], self.outputs[index]
+            if not history or (index == 0 and self.images is not None):
+                continue  # nothing sent yet, or images (a stateless re-run can't carry them)
+            stream = self.hops[index]
+            last = self.position - history[-1].shape[1]
+            try:
+                await self.verifier.check(
+                    stream, history[:-1], outputs[:-1], history[-1], outputs[-1], last, always=True
+                )
+            except OutvotedHop as failure:
+                self._penalise(failure)
+                await self._fail_over(index)
+                self._rewind_past_lie(failure)
+
+    def _rewind_past_lie(self, failure: OutvotedHop) -> None:
+        """Forget every token from the first wrong one on and raise SessionRewound."""
+        try:
+            self.rewind(failure.first_wrong)
+        except ValueError as e:  # the lie reaches into an image: it cannot be sent again here
+            raise SessionFailedError(f"{failure}; cannot make those tokens again: {e}") from e
+        raise SessionRewound(failure.first_wrong, str(failure)) from failure
 
     async def close(self) -> None:
         await asyncio.gather(*(stream.close() for stream in self.hops))

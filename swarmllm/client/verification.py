@@ -5,7 +5,7 @@ sign wrong values. With ``verify_fraction`` F, each hop of each step is checked 
 probability F: the client sends everything that hop has received so far (a stateless
 ``forward``: the other peer holds no cache of the session) to another peer serving the same
 blocks, and compares the outputs for every token so far, not only the step's new ones: each
-token's output must lie within a relative distance (L2, ``TOLERANCES``) of the other peer's.
+token's output must lie within a relative distance (L2, ``tolerance_for``) of the other peer's.
 A check therefore covers every earlier step of the hop as well, so a peer that tampers with
 any step is caught by any later check: with F = 0.1, a lie at step s escapes with probability
 0.9^(steps after s), not 0.9 per lie.
@@ -41,11 +41,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("swarmllm.client")
 
 # Largest per-token relative L2 distance between two honest answers, by the coarsest precision
-# involved (the wire dtype and both peers' precisions: their quantization, else their compute
-# dtype). A stateless forward over the whole sequence and cached steps round differently: on
-# SmolLM2, 10 blocks, measured up to 4e-6 in float32 and up to 4.4e-2 in bfloat16; an int8 span
-# (weight-only, CPU) against a float32 one up to 4.2e-2. NF4 was not measured here (no GPU):
-# its weights carry about 4x int8's error. Below float16 a check only catches gross tampering.
+# the answering peers compute in (their quantization, else their compute dtype). A stateless
+# forward over the whole sequence and cached steps round differently: on SmolLM2, 10 blocks,
+# measured up to 4e-6 in float32 and up to 4.4e-2 in bfloat16; an int8 span (weight-only, CPU)
+# against a float32 one up to 4.2e-2. NF4 was not measured here (no GPU): its weights carry
+# about 4x int8's error. Below float16 compute a check only catches gross tampering.
 TOLERANCES: dict[str, float] = {
     "float32": 1e-3,
     "float16": 3e-2,
@@ -53,6 +53,18 @@ TOLERANCES: dict[str, float] = {
     "int8": 1e-1,
     "nf4": 3e-1,
 }
+# The wire adds its rounding on top: both answers reach the client rounded to the wire dtype
+# (the inputs are the same values for both), which moves each token by at most the dtype's unit
+# roundoff u in relative L2, so two honest answers differ by at most 2u more; this margin
+# covers the rest. It is derived, not measured: a bfloat16 wire between float32 peers allows
+# 1.3e-2, so a peer that scales its output by 2% (1.96e-2) is caught.
+WIRE_ROUNDING_MARGIN = 1.5
+
+
+def wire_rounding(wire_dtype: torch.dtype) -> float:
+    """How far two honest answers may drift apart from being rounded to ``wire_dtype``."""
+    unit_roundoff = torch.finfo(wire_dtype).eps / 2
+    return WIRE_ROUNDING_MARGIN * 2 * unit_roundoff
 
 
 # at most one new read of the coverage map per this many seconds, when no verifier is known
@@ -111,6 +123,15 @@ def outliers(outputs: Mapping[str, torch.Tensor], tolerance: float) -> set[str]:
     }
 
 
+class OutvotedHop(HopFailure):
+    """A spot-check outvoted the hop: its output from position ``first_wrong`` on agrees with
+    no other peer's."""
+
+    def __init__(self, hop: Hop, reason: str, first_wrong: int):
+        super().__init__(hop, reason)
+        self.first_wrong = first_wrong
+
+
 class SpotChecker:
     """Checks hops of one inference session; ``check`` runs after each hop's step."""
 
@@ -131,11 +152,12 @@ class SpotChecker:
         hidden: torch.Tensor,
         output: torch.Tensor,
         position: int,
+        always: bool = False,
     ) -> None:
-        """Maybe re-run the hop's inputs so far (``history`` then ``hidden``) elsewhere; raise
-        HopFailure when the hop's outputs so far (``past_outputs`` then ``output``) are
-        outvoted."""
-        if self.fraction == 0.0 or self.rng.random() >= self.fraction:
+        """Maybe (``always``: surely) re-run the hop's inputs so far (``history`` then
+        ``hidden``) elsewhere; raise OutvotedHop when the hop's outputs so far
+        (``past_outputs`` then ``output``) are outvoted."""
+        if self.fraction == 0.0 or (not always and self.rng.random() >= self.fraction):
             return
         hop = stream.hop
         records = await self._records(hop.start, fresh=False)
@@ -185,10 +207,11 @@ class SpotChecker:
             tolerance = tolerance_for(output.dtype, answers, records)
             errors = token_errors(answers[hop.peer_id], answers[others[0]]).amax(dim=0)
             first = int((errors > tolerance).nonzero()[0, 0])  # it agrees with no other answer
-            raise HopFailure(
+            raise OutvotedHop(
                 hop,
                 f"spot-check at step {evidence.step}: its output for position {first} disagrees "
                 f"with {', '.join(others)}",
+                first_wrong=first,
             )
 
     async def _ask(self, hop: Hop, inputs: torch.Tensor, spec: SessionSpec) -> SignedReply | None:
@@ -247,11 +270,9 @@ class SpotChecker:
 def tolerance_for(
     wire_dtype: torch.dtype, answers: Mapping[str, torch.Tensor], records: Mapping[str, PeerRecord]
 ) -> float:
-    """The tolerance of the coarsest precision involved: the wire's and the answering peers'
-    (a precision this version does not know counts as the coarsest)."""
-    precisions = {str(wire_dtype).removeprefix("torch.")}
-    for peer_id in answers:
-        record = records.get(peer_id)
-        if record is not None:
-            precisions.add(record.precision)
-    return max(TOLERANCES.get(precision, max(TOLERANCES.values())) for precision in precisions)
+    """The tolerance of the coarsest precision the answering peers compute in (one this
+    version does not know counts as the coarsest; float32 when no record is known), plus the
+    wire's rounding."""
+    precisions = {records[peer].precision for peer in answers if peer in records} or {"float32"}
+    coarsest = max(TOLERANCES.get(precision, max(TOLERANCES.values())) for precision in precisions)
+    return coarsest + wire_rounding(wire_dtype)
