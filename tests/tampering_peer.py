@@ -4,6 +4,9 @@ MODE ``noise``: the span adds Gaussian noise to every output, which the peer the
 correctly (a valid signature over wrong values; only spot-checking can catch it).
 MODE ``noise-once``: the same noise, on the third decode step only (the one lie a peer hopes
 a spot-check of a later step will not see).
+MODE ``scale``: every output scaled by ``SCALE`` (2% off: inside the bfloat16 compute
+tolerance, outside a bfloat16 wire's rounding between float32 peers).
+MODE ``skip-block``: a cheaper model: the span skips its last block, and says nothing.
 MODE ``wrong-key``: outputs are right, but every reply is signed with a key other than the
 peer's own (the client's signature check catches it on the first reply).
 MODE ``nan``: every output is NaN, correctly signed (the client's own check of each reply must
@@ -59,6 +62,35 @@ def add_noise_once(lied_at: int = 3) -> None:
     BlockSpan.forward = noisy_once
 
 
+SCALE = 1.02
+
+
+def scale_outputs() -> None:
+    forward, decode_batch = BlockSpan.forward, BlockSpan.decode_batch
+
+    def scaled_forward(self: BlockSpan, *args, **kwargs) -> torch.Tensor:
+        return SCALE * forward(self, *args, **kwargs)
+
+    def scaled_decode_batch(self: BlockSpan, *args, **kwargs) -> list[torch.Tensor]:
+        return [SCALE * out for out in decode_batch(self, *args, **kwargs)]
+
+    BlockSpan.forward, BlockSpan.decode_batch = scaled_forward, scaled_decode_batch
+
+
+def skip_last_block() -> None:
+    run_layers = BlockSpan._run_layers
+
+    def cheaper(self: BlockSpan, *args, **kwargs) -> torch.Tensor:
+        layers, windows = self.layers, self.windows
+        self.layers, self.windows = layers[:-1], windows[:-1]
+        try:
+            return run_layers(self, *args, **kwargs)
+        finally:
+            self.layers, self.windows = layers, windows
+
+    BlockSpan._run_layers = cheaper
+
+
 def output_nan() -> None:
     forward, decode_batch = BlockSpan.forward, BlockSpan.decode_batch
 
@@ -98,6 +130,8 @@ def sign_with_another_key() -> None:
 MODES = {
     "noise": add_noise,
     "noise-once": add_noise_once,
+    "scale": scale_outputs,
+    "skip-block": skip_last_block,
     "wrong-key": sign_with_another_key,
     "nan": output_nan,
     "bomb": reply_with_a_bomb,

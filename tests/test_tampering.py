@@ -207,3 +207,43 @@ def test_a_single_lie_is_caught_and_the_tokens_it_led_to_are_made_again(
     (caught,) = evidence
     assert caught.banned == (liar.peer_id,)
     assert caught.step == caught_at_step
+
+
+@pytest.mark.parametrize(
+    ("mode", "wire_dtype"),
+    [("scale", "bfloat16"), ("skip-block", "float32")],
+    ids=["2%-scaling-on-a-bfloat16-wire", "a-cheaper-model"],
+)
+def test_subtle_tampering_on_every_step_is_caught(
+    llama: ModelSource, prompt, tmp_path, mode: str, wire_dtype: str
+) -> None:
+    """A peer that scales every output by 2% (the old tolerance let it through with
+    verify_fraction 1 on a bfloat16 wire), or skips one of its blocks, is caught on its first
+    checked step, and the generation equals an honest route's."""
+    with LocalSwarm(0, source=llama, workdir=tmp_path) as swarm:
+        tamperer = swarm.start_peer(mode, (0, 3), launcher=launcher(mode))
+        last = swarm.start_peer("honest-last", (3, 6))
+        swarm.wait_until_ready(timeout=180)
+        client = DistributedModelForCausalLM.from_pretrained(
+            str(llama.path),
+            initial_peers=swarm.initial_peers,
+            verify_fraction=1.0,
+            wire_dtype=wire_dtype,
+        )
+        with client as model, model.inference_session(PROMPT_LENGTH + NEW_TOKENS) as session:
+            assert session.route[0].peer_id == tamperer.peer_id
+            verifiers = [swarm.start_peer(f"honest-verifier-{i}", (0, 3)) for i in range(2)]
+            swarm.wait_until_ready(timeout=180)
+            got = model.generate(
+                prompt, session=session, max_new_tokens=NEW_TOKENS, eos_token_id=[]
+            )
+            banned = model.bans.banned()
+        honest_route = DistributedModelForCausalLM.from_pretrained(
+            str(llama.path), initial_peers=swarm.initial_peers, wire_dtype=wire_dtype
+        )
+        with honest_route as model:
+            model.bans.ban(tamperer.peer_id, "the test's tamperer")
+            want = model.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    assert tamperer.peer_id in banned
+    assert not {last.peer_id, *(peer.peer_id for peer in verifiers)} & banned
+    assert got.tolist() == want.tolist()
