@@ -13,9 +13,9 @@ history (what a failover replays) at once, the peers' caches at the next step, w
 tells them where to cut. Every round thus gives one to k + 1 tokens for one trip through the
 chain, and the tokens are those (greedy) or distributed as those (sampling) of plain decoding.
 
-With verification on, a spot-check may find that a hop lied in an earlier step: its session
-rewinds to the first wrong position (``SessionRewound``) and the sequence drops the tokens
-made from it and makes them again. When every sequence is done, each session is checked once
+With verification on, a spot-check may catch a hop lying after its outputs went on: its
+session rewinds (``SessionRewound``) and the sequence drops the tokens made since and makes
+them again. When every sequence is done, each session is checked once
 more, whole (``audit``), and a sequence whose check finds a lie goes back to generating. The
 result then holds only tokens computed from outputs that passed a check; a streamer has
 already been given the dropped ones (a warning says so).
@@ -214,8 +214,8 @@ class _Sequence:
             self.session.rewind(self.history.shape[1] - 1)
 
     def regenerate_from(self, position: int, decode: Callable[[torch.Tensor], list[str]]) -> None:
-        """The session forgot every token from ``position`` on (a hop lied there): drop the
-        tokens sampled from its outputs since and feed the token at ``position`` again."""
+        """The session forgot every token from ``position`` on (a hop it caught lying had a
+        hand in them): drop the tokens sampled since and feed the token at ``position`` again."""
         self.regenerations += 1
         if self.regenerations > MAX_REGENERATIONS:
             raise SessionFailedError(

@@ -14,12 +14,14 @@ much and serve nothing (anyone can mint as many as they like) cost one attempt e
 use up the budget before an honest peer is tried. What the client sees of each peer feeds the
 router's ``reputation``.
 
-A spot-check (``verification``) that outvotes a hop fails it over like any fault. When the
-wrong output lies in an earlier step, the hops after it have cached what it led to, and the
-tokens sampled since came from it: the session rewinds to the first wrong position and raises
-``SessionRewound`` so that the generation makes those tokens again. ``audit`` checks every
-hop's whole history once more, surely, when a generation ends: a lie in its last steps would
-otherwise escape the random checks.
+A spot-check (``verification``) that outvotes a hop fails it over like any fault, and the
+peer is trusted for nothing it computed: its earlier outputs, even those within the tolerance
+(a skipped block barely moves the first token's huge-norm state, yet that shifts every later
+token), went into the next hops' caches and the tokens sampled since. Unless the lie came in
+the session's first step, the session rewinds to the start and raises ``SessionRewound`` so
+that the generation makes those tokens again. ``audit`` checks every hop's whole history once
+more, surely, when a generation ends: a lie in its last steps would otherwise escape the
+random checks.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ class SessionFailedError(RuntimeError):
 
 
 class SessionRewound(RuntimeError):
-    """A hop was caught lying from ``position`` on, in a step already taken: the session has
-    replaced it and forgotten every token from there; the caller makes them again."""
+    """A hop was caught lying after its outputs went on: the session has replaced it and
+    forgotten every token from ``position`` on; the caller makes them again."""
 
     def __init__(self, position: int, reason: str):
         super().__init__(f"rewound to position {position}: {reason}")
@@ -145,8 +147,8 @@ class InferenceSession:
             except HopFailure as failure:
                 self._penalise(failure)
                 await self._fail_over(index)
-                if isinstance(failure, OutvotedHop) and failure.first_wrong < position:
-                    self._rewind_past_lie(failure)
+                if isinstance(failure, OutvotedHop) and position > 0:
+                    self._rewind_past_liar(failure)
                 continue  # retry this step on the replacement
             self._observe(self.hops[index], hidden.shape[1], phase)
             accepted.append(hidden)
@@ -180,15 +182,15 @@ class InferenceSession:
             except OutvotedHop as failure:
                 self._penalise(failure)
                 await self._fail_over(index)
-                self._rewind_past_lie(failure)
+                self._rewind_past_liar(failure)
 
-    def _rewind_past_lie(self, failure: OutvotedHop) -> None:
-        """Forget every token from the first wrong one on and raise SessionRewound."""
+    def _rewind_past_liar(self, failure: OutvotedHop) -> None:
+        """Forget every token (the liar had a hand in all of them) and raise SessionRewound."""
         try:
-            self.rewind(failure.first_wrong)
-        except ValueError as e:  # the lie reaches into an image: it cannot be sent again here
+            self.rewind(0)
+        except ValueError as e:  # an image prompt: its images cannot be sent again from here
             raise SessionFailedError(f"{failure}; cannot make those tokens again: {e}") from e
-        raise SessionRewound(failure.first_wrong, str(failure)) from failure
+        raise SessionRewound(0, str(failure)) from failure
 
     async def close(self) -> None:
         await asyncio.gather(*(stream.close() for stream in self.hops))

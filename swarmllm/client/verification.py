@@ -7,15 +7,15 @@ probability F: the client sends everything that hop has received so far (a state
 blocks, and compares the outputs for every token so far, not only the step's new ones: each
 token's output must lie within a relative distance (L2, ``tolerance_for``) of the other peer's.
 A check therefore covers every earlier step of the hop as well, so a peer that tampers with
-any step is caught by any later check: with F = 0.1, a lie at step s escapes with probability
-0.9^(steps after s), not 0.9 per lie.
+any step is caught by any later check, and the closing check a generation ends with
+(``always``, see ``InferenceSession.audit``) leaves no step unchecked.
 
 On a mismatch a third peer breaks the tie. Every peer whose answer agrees with no other answer
 is banned: the odd one out of three, or, when only two peers answered (no third one serves
 those blocks, or it failed), both of them, since the client cannot tell which one lies. When
-the checked hop's peer is among them the check raises ``HopFailure``, and the session fails
-over as for any other fault: the output never reaches the next hop. The signed replies are
-kept as ``VerificationEvidence``.
+the checked hop's peer is among them the check raises ``OutvotedHop``, and the session fails
+over as for any other fault (and rewinds, when the peer's outputs already went on: see
+``client/session.py``). The signed replies are kept as ``VerificationEvidence``.
 """
 
 from __future__ import annotations
@@ -124,12 +124,7 @@ def outliers(outputs: Mapping[str, torch.Tensor], tolerance: float) -> set[str]:
 
 
 class OutvotedHop(HopFailure):
-    """A spot-check outvoted the hop: its output from position ``first_wrong`` on agrees with
-    no other peer's."""
-
-    def __init__(self, hop: Hop, reason: str, first_wrong: int):
-        super().__init__(hop, reason)
-        self.first_wrong = first_wrong
+    """A spot-check outvoted the hop: its outputs agree with no other peer's."""
 
 
 class SpotChecker:
@@ -211,7 +206,6 @@ class SpotChecker:
                 hop,
                 f"spot-check at step {evidence.step}: its output for position {first} disagrees "
                 f"with {', '.join(others)}",
-                first_wrong=first,
             )
 
     async def _ask(self, hop: Hop, inputs: torch.Tensor, spec: SessionSpec) -> SignedReply | None:
