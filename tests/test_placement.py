@@ -153,12 +153,15 @@ def test_routes_keep_to_the_minimum_precision():
 def test_spot_check_tolerance_follows_the_coarsest_precision():
     records = {"a": _record(), "b": _record(quant="int8"), "c": _record("bfloat16", "nf4")}
     answers = dict.fromkeys(records, torch.zeros(1))
-    fp32_wire = wire_rounding(torch.float32)
-    assert tolerance_for(torch.float32, {"a": answers["a"]}, records) == (
-        TOLERANCES["float32"] + fp32_wire
+
+    def over_a_float32_wire(precision: str) -> float:
+        return TOLERANCES[precision] + wire_rounding(torch.float32, TOLERANCES[precision])
+
+    assert tolerance_for(torch.float32, {"a": answers["a"]}, records) == over_a_float32_wire(
+        "float32"
     )
-    assert tolerance_for(torch.float32, {"a": 0, "b": 0}, records) == TOLERANCES["int8"] + fp32_wire
-    assert tolerance_for(torch.float32, answers, records) == TOLERANCES["nf4"] + fp32_wire
+    assert tolerance_for(torch.float32, {"a": 0, "b": 0}, records) == over_a_float32_wire("int8")
+    assert tolerance_for(torch.float32, answers, records) == over_a_float32_wire("nf4")
     assert TOLERANCES["float32"] < TOLERANCES["int8"] < TOLERANCES["nf4"] < 1
 
 

@@ -174,8 +174,9 @@ def test_a_single_lie_is_caught_and_the_tokens_it_led_to_are_made_again(
     hop's whole sequence, so a check of a later step sees the lie, and the generation ends with
     a check of every hop that runs surely. By then the lie has reached the next hop's cache and
     the tokens after it: the session rewinds (to the start: a liar is trusted for none of its
-    outputs) and the result equals transformers' greedy tokens. (The old code missed the lie without a random check after it, and when one came,
-    kept the tokens the lie had led to: they differed from token 17 on.)"""
+    outputs) and the result equals transformers' greedy tokens. (The old code missed the lie
+    without a random check after it, and when one came, kept the tokens the lie had led to:
+    they differed from token 17 on.)"""
     new_tokens = 40
     reference = AutoModelForCausalLM.from_pretrained(llama.path, dtype=torch.float32).eval()
     want = reference.generate(

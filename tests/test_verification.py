@@ -11,6 +11,7 @@ from swarmllm.client.verification import (
     TOLERANCES,
     outliers,
     relative_error,
+    token_errors,
     tolerance_for,
     wire_rounding,
 )
@@ -88,20 +89,24 @@ def test_the_answering_peers_precision_plus_the_wire_rounding_sets_the_tolerance
     f32 = {"a": record("float32"), "b": record("float32")}
     mixed = {"a": record("float32"), "b": record("bfloat16")}
     answers = {"a": right, "b": right}
-    fp32_wire = wire_rounding(torch.float32)
-    assert tolerance_for(torch.float32, answers, f32) == TOLERANCES["float32"] + fp32_wire
-    assert tolerance_for(torch.float16, answers, f32) == (
-        TOLERANCES["float32"] + wire_rounding(torch.float16)
-    )
-    assert tolerance_for(torch.float32, answers, mixed) == TOLERANCES["bfloat16"] + fp32_wire
+
+    def tolerance(precision: str, wire: torch.dtype = torch.float32) -> float:
+        return TOLERANCES[precision] + wire_rounding(wire, TOLERANCES[precision])
+
+    assert tolerance_for(torch.float32, answers, f32) == tolerance("float32")
+    assert tolerance_for(torch.float16, answers, f32) == tolerance("float32", torch.float16)
+    assert tolerance_for(torch.float32, answers, mixed) == tolerance("bfloat16")
     # a peer that did not answer does not loosen the comparison of those that did
-    assert tolerance_for(torch.float32, {"a": right}, mixed) == TOLERANCES["float32"] + fp32_wire
+    assert tolerance_for(torch.float32, {"a": right}, mixed) == tolerance("float32")
+    # rounding moves an element by one ulp at most
+    assert wire_rounding(torch.bfloat16, 1.0) == 1.5 * torch.finfo(torch.bfloat16).eps
 
 
-def test_a_bfloat16_wire_between_float32_peers_catches_a_two_percent_scaling(llama) -> None:
+def test_a_bfloat16_wire_between_float32_peers_catches_scaling_and_noise(llama) -> None:
     """Both answers come rounded to the wire dtype: that rounding, not bfloat16 compute, is the
     honest difference. A peer scaling its output by 2% stayed inside the bfloat16 compute
-    tolerance (1e-1) that the wire used to get; the wire's own bound catches it, and honest
+    tolerance (1e-1) that the wire used to get, and noise of 1% of each token's norm inside a
+    worst-case bound of two unit roundoffs (1.3e-2); the wire's bound catches both, and honest
     cached steps against a stateless forward stay inside it."""
     span = BlockSpan.from_weights(llama.config, llama.weight_files(), 0, 3)
     inputs = torch.randn(
@@ -116,8 +121,12 @@ def test_a_bfloat16_wire_between_float32_peers_catches_a_two_percent_scaling(lla
     stateless = span(inputs)
     honest, verifier = stepped.to(torch.bfloat16), stateless.to(torch.bfloat16)
     scaled = (1.02 * stepped).to(torch.bfloat16)
+    noise = torch.randn(stepped.shape, generator=torch.Generator().manual_seed(6))
+    noise *= 0.01 * stepped.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True)
+    noisy = (stepped + noise).to(torch.bfloat16)
     fp32 = {"liar": PeerRecord(PeerState.ONLINE, 0, 3, 1.0, 1, "0.1.0", "float32")}
     fp32["verifier"] = fp32["liar"]
     tolerance = tolerance_for(torch.bfloat16, {"liar": scaled, "verifier": verifier}, fp32)
     assert relative_error(honest, verifier) <= tolerance
     assert relative_error(scaled, verifier) > tolerance
+    assert token_errors(noisy, verifier).min() > tolerance  # every token is caught

@@ -54,17 +54,22 @@ TOLERANCES: dict[str, float] = {
     "nf4": 3e-1,
 }
 # The wire adds its rounding on top: both answers reach the client rounded to the wire dtype
-# (the inputs are the same values for both), which moves each token by at most the dtype's unit
-# roundoff u in relative L2, so two honest answers differ by at most 2u more; this margin
-# covers the rest. It is derived, not measured: a bfloat16 wire between float32 peers allows
-# 1.3e-2, so a peer that scales its output by 2% (1.96e-2) is caught.
+# (the inputs are the same values for both). Two values that differ by a relative d round to
+# the same wire value unless a rounding boundary falls between them, which it does for about a
+# share d / ulp of the elements, each then one ulp apart; so the rounded answers of a token
+# differ by about sqrt(d * ulp) in relative L2 (at most one ulp), d being the peers' compute
+# tolerance. For a bfloat16 wire between float32 peers that is 2.8e-3 (x1.5 margin: a total of
+# 5.2e-3), where two honest answers measured 2.9e-5 at most on SmolLM2 (15 blocks): noise of
+# 1% of a token's norm and a 2% scaling are caught. A bound of two unit roundoffs, in the
+# worst case for every element at once, would allow 1.3e-2 and let that noise through.
 WIRE_ROUNDING_MARGIN = 1.5
 
 
-def wire_rounding(wire_dtype: torch.dtype) -> float:
-    """How far two honest answers may drift apart from being rounded to ``wire_dtype``."""
-    unit_roundoff = torch.finfo(wire_dtype).eps / 2
-    return WIRE_ROUNDING_MARGIN * 2 * unit_roundoff
+def wire_rounding(wire_dtype: torch.dtype, compute_tolerance: float) -> float:
+    """How far rounding to ``wire_dtype`` may move two answers that agree within
+    ``compute_tolerance`` apart."""
+    ulp = torch.finfo(wire_dtype).eps  # relative spacing of the wire's values
+    return WIRE_ROUNDING_MARGIN * min(math.sqrt(compute_tolerance * ulp), ulp)
 
 
 # at most one new read of the coverage map per this many seconds, when no verifier is known
@@ -269,4 +274,4 @@ def tolerance_for(
     wire's rounding."""
     precisions = {records[peer].precision for peer in answers if peer in records} or {"float32"}
     coarsest = max(TOLERANCES.get(precision, max(TOLERANCES.values())) for precision in precisions)
-    return coarsest + wire_rounding(wire_dtype)
+    return coarsest + wire_rounding(wire_dtype, coarsest)
