@@ -145,13 +145,16 @@ def wire_dtype_effect(
             do_sample=False,
         )[0, prompt.shape[1] :].tolist()
     effect = {}
+    chosen = model.wire_dtype
     for dtype in WIRE_DTYPES:
-        # same connection and head, activations sent in ``dtype``
-        variant = DistributedModelForCausalLM(
-            model.source, model.head, model.connection, wire_dtype=dtype
-        )
-        logits = variant.forward(prompt)
-        tokens = variant.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[])
+        # the same model (its sessions opened from now on send activations in ``dtype``): a
+        # second model on its connection would close it when collected, as models do
+        model.wire_dtype = dtype
+        try:
+            logits = model.forward(prompt)
+            tokens = model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[])
+        finally:
+            model.wire_dtype = chosen
         tokens = tokens[0, prompt.shape[1] :].tolist()
         same = next(
             (i for i, (a, b) in enumerate(zip(tokens, local_tokens, strict=True)) if a != b), None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from swarmllm.blocks.prompts import prompt_ids
 from swarmllm.blocks.sources import ModelSource
+from swarmllm.client.connection import SwarmConnectionClosedError
 from swarmllm.client.model import DistributedModelForCausalLM
 from swarmllm.swarm import LocalSwarm
 
@@ -159,3 +161,17 @@ def test_stop_strings_end_generation_where_they_appear(model):
     output = model.generate(input_ids, max_new_tokens=30, stop_strings=["Paris"])
     text = model.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
     assert text.endswith("Paris"), text
+
+
+def test_a_shut_down_model_refuses_work_instead_of_waiting_forever(swarm) -> None:
+    """A model owns its connection and closes it when shut down or collected; work sent on it
+    afterwards (for instance by a second model given the same connection) used to wait forever
+    for a loop that no longer runs (bench_swarm hung so)."""
+    model = DistributedModelForCausalLM.from_pretrained(None, initial_peers=swarm.initial_peers)
+    model.shutdown()
+    started = time.monotonic()
+    with pytest.raises(SwarmConnectionClosedError, match="connection is closed"):
+        model.connection.run(asyncio.sleep(0), timeout=20)  # the timeout: the old code hangs
+    with pytest.raises(SwarmConnectionClosedError):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    assert time.monotonic() - started < 5

@@ -37,6 +37,10 @@ class SwarmUnreachableError(ConnectionError):
     """None of the initial peers could be reached."""
 
 
+class SwarmConnectionClosedError(RuntimeError):
+    """The connection was shut down; nothing can run on it any more."""
+
+
 class SwarmConnection:
     def __init__(
         self,
@@ -68,6 +72,7 @@ class SwarmConnection:
                 f"could not join the swarm through {', '.join(initial_peers)}: {e}"
             ) from e
         self.loop = asyncio.new_event_loop()
+        self._closed = False
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.p2p: P2P = self.run(self.dht.replicate_p2p(), timeout=start_timeout)
@@ -76,7 +81,15 @@ class SwarmConnection:
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run a coroutine on the connection's loop from any other thread; if the wait ends
-        early (a timeout, Ctrl-C), the coroutine is cancelled rather than left running."""
+        early (a timeout, Ctrl-C), the coroutine is cancelled rather than left running. Raises
+        SwarmConnectionClosedError once the connection is shut down (its loop would never run
+        the coroutine: the wait would last forever)."""
+        if self.closed:
+            coro.close()
+            raise SwarmConnectionClosedError(
+                "the swarm connection is closed (its model was shut down or garbage-collected; "
+                "a model owns the connection it is given)"
+            )
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
@@ -114,11 +127,17 @@ class SwarmConnection:
         assumes the default)."""
         await asyncio.gather(*(self.info(p, timeout) for p in peer_ids), return_exceptions=True)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed or not self._thread.is_alive()
+
     def shutdown(self) -> None:
-        if self.loop.is_running():
+        if not self._closed and self.loop.is_running():
             self.run(self.p2p.shutdown(), timeout=5)
+            self._closed = True
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
+        self._closed = True
         self._codec.shutdown(wait=False)
         self.dht.shutdown()
         self._scratch.cleanup()
