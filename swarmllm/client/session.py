@@ -186,10 +186,12 @@ class InferenceSession:
 
     def _rewind_past_liar(self, failure: OutvotedHop) -> None:
         """Forget every token (the liar had a hand in all of them) and raise SessionRewound."""
-        try:
-            self.rewind(0)
-        except ValueError as e:  # an image prompt: its images cannot be sent again from here
-            raise SessionFailedError(f"{failure}; cannot make those tokens again: {e}") from e
+        if self.images is not None:  # sent once, with their prompt: the caller no longer has them
+            raise SessionFailedError(
+                f"{failure}; the session holds images, so its tokens cannot be made again here: "
+                "start the generation again"
+            ) from failure
+        self.rewind(0)
         raise SessionRewound(0, str(failure)) from failure
 
     async def close(self) -> None:
