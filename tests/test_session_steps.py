@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import swarmllm.client.session as session_module
+from swarmllm.blocks.vision import ImageInputs
 from swarmllm.client.bans import BanList
 from swarmllm.client.hop import HopFailure, SessionSpec
 from swarmllm.client.reputation import Reputation
 from swarmllm.client.routing import Hop, NoRouteError
-from swarmllm.client.session import InferenceSession
+from swarmllm.client.session import InferenceSession, SessionFailedError, SessionRewound
+from swarmllm.client.verification import OutvotedHop
 from swarmllm.protocol import ErrorCode
 
 WIDTH = 4
@@ -126,3 +128,36 @@ def test_only_the_faulty_peer_is_banned_and_a_refusal_bans_nobody(fakes) -> None
     assert router.bans.banned() == {"b1"}
     assert [hop.peer_id for hop in session.route] == ["a0", "c1"]
     assert all(sent.shape[1] for sent in fakes.sent["b1"])  # no empty replay after the rewind
+
+
+@pytest.mark.parametrize("holds_images", [False, True], ids=["text", "with-images"])
+def test_a_liar_caught_after_its_outputs_went_on_rewinds_the_session_to_the_start(
+    fakes, holds_images: bool
+) -> None:
+    """The hop after it cached what the liar's earlier outputs led to, and the tokens since
+    came from them: the session forgets everything and the caller makes the tokens again. A
+    session holding images cannot (they went once, with their prompt): the generation fails."""
+    router = FakeRouter({0: ["a0", "b0"], 1: ["a1", "b1"]})
+    session = _session(router)
+
+    async def scenario() -> None:
+        await session.open()
+        await session.step(torch.zeros(1, 3, WIDTH))
+        await session.step(torch.ones(1, 1, WIDTH))
+        if holds_images:
+            session.images = ImageInputs(torch.zeros(1, 2, WIDTH), torch.tensor([[1, 2]]))
+        fakes.failures["a1"] = [OutvotedHop(Hop("a1", 1, 2), "its output disagrees")]
+        if holds_images:
+            with pytest.raises(SessionFailedError, match="holds images"):
+                await session.step(torch.ones(1, 1, WIDTH))
+            return
+        with pytest.raises(SessionRewound) as rewound:
+            await session.step(torch.ones(1, 1, WIDTH))
+        assert rewound.value.position == session.position == 0
+        assert session.history == [[], []] and session.outputs == [[], []]
+        await session.step(torch.zeros(1, 3, WIDTH))  # made again, through the replacement
+        assert session.position == 3
+
+    asyncio.run(scenario())
+    assert router.bans.banned() == {"a1"}
+    assert [hop.peer_id for hop in session.route] == ["a0", "b1"]
