@@ -352,7 +352,7 @@ def _caught_lying(
 
 async def _step(seq: _Sequence, hidden: torch.Tensor, phase: str) -> torch.Tensor | None:
     """The sequence's step through the swarm, or None when its session rewound (a hop was
-    caught lying in an earlier step)."""
+    caught lying after its outputs went on)."""
     try:
         return await seq.session.step_async(hidden, images=seq.images, phase=phase)
     except SessionRewound as rewound:
