@@ -213,9 +213,10 @@ class _Sequence:
         if self.session.position > self.history.shape[1] - 1:
             self.session.rewind(self.history.shape[1] - 1)
 
-    def regenerate_from(self, position: int, decode: Callable[[torch.Tensor], list[str]]) -> None:
-        """The session forgot every token from ``position`` on (a hop it caught lying had a
-        hand in them): drop the tokens sampled since and feed the token at ``position`` again."""
+    def regenerate(self, decode: Callable[[torch.Tensor], list[str]]) -> None:
+        """The session forgot every token from its position on (a hop it caught lying had a
+        hand in them): drop the tokens sampled since and feed the token there again."""
+        position = self.session.position
         self.regenerations += 1
         if self.regenerations > MAX_REGENERATIONS:
             raise SessionFailedError(
@@ -303,7 +304,7 @@ def generate_tokens(
             outputs = connection.run(gather_or_cancel(*steps))
         rewound = [seq for seq, output in zip(active, outputs, strict=True) if output is None]
         for seq in rewound:
-            seq.regenerate_from(seq.session.position, decode)
+            seq.regenerate(decode)
         stepped = [(seq, out) for seq, out in zip(active, outputs, strict=True) if out is not None]
         if stepped:
             _take_tokens(head, stepped, profile, phase, decode)
@@ -346,7 +347,7 @@ def _caught_lying(
     clean = connection.run(gather_or_cancel(*(_audit(seq) for seq in sequences)))
     caught = [seq for seq, passed in zip(sequences, clean, strict=True) if not passed]
     for seq in caught:
-        seq.regenerate_from(seq.session.position, decode)
+        seq.regenerate(decode)
     return caught
 
 

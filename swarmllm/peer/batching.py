@@ -159,10 +159,21 @@ class BatchingWorker(ComputeWorker):
                 if not isinstance(e, Exception):
                     raise
 
-    def _note(self, cache: KVCache, span: BlockSpan, **times: float) -> None:
-        activity = self._activity.setdefault(cache, _Activity(span, seen=float("-inf")))
-        for name, value in times.items():
-            setattr(activity, name, value)
+    def _note(
+        self,
+        cache: KVCache,
+        span: BlockSpan,
+        seen: float | None = None,
+        served: float | None = None,
+    ) -> None:
+        """Record when the session of ``cache`` came to ``span`` or was served there."""
+        activity = self._activity.get(cache)
+        if activity is None:
+            activity = self._activity[cache] = _Activity(span, seen=float("-inf"))
+        if seen is not None:
+            activity.seen = seen
+        if served is not None:
+            activity.served = served
 
     def _next(self) -> _Job:
         """The oldest inference step, unless a stateless forward has waited too long."""
