@@ -7,9 +7,11 @@ from __future__ import annotations
 import queue
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from model_factory import save_tiny_model
 from streamers import AfterTokens
 from transformers import AutoModelForCausalLM
 
@@ -18,6 +20,7 @@ from swarmllm.api.metrics import Metrics
 from swarmllm.api.prompts import Prompt
 from swarmllm.api.scheduler import Delta, Finished, Job, Scheduler
 from swarmllm.blocks.sources import ModelSource
+from swarmllm.client.draft_model import DraftModel
 from swarmllm.client.generation import GenerationConfig, Speculation
 from swarmllm.client.model import ClientSession, DistributedModelForCausalLM
 from swarmllm.swarm import LocalSwarm
@@ -95,6 +98,36 @@ def test_speculative_greedy_equals_plain_greedy_and_transformers(name, model, re
         assert stats.drafted > stats.accepted  # some drafts were rejected and rolled back
 
 
+@pytest.fixture(scope="module")
+def other_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama of the same tokens with other random weights: a poor draft model."""
+    return save_tiny_model("llama", tmp_path_factory.mktemp("other-llama"), seed=1)
+
+
+@pytest.mark.parametrize("drafter", ["itself", "another model"])
+def test_draft_model_greedy_equals_plain_greedy(drafter, model, llama, other_llama, monkeypatch):
+    """Drafts from a local model: the same tokens as plain decoding, whether the draft model
+    is the swarm's own (every draft kept) or one of other weights (most rejected)."""
+    ref = str(llama.path if drafter == "itself" else other_llama)
+    monkeypatch.setattr(model, "draft_model", DraftModel.load(ref, llama))
+    for prompt in (PROMPTS["random-a"], PROMPTS["copy"]):
+        plain, _ = _generate(model, prompt, "off")
+        drafted, session = _generate(model, prompt, "draft")
+        assert drafted == plain
+        stats = session.speculation
+        assert stats.rounds + stats.accepted == NEW_TOKENS and stats.drafted > 0
+        if drafter == "itself":  # only the last round's drafts may run past the end
+            assert stats.accepted >= NEW_TOKENS * 3 // 4
+        else:
+            assert stats.accepted < stats.drafted
+
+
+def test_draft_mode_without_a_draft_model_fails_before_opening_a_session(model) -> None:
+    assert model.draft_model is None
+    with pytest.raises(ValueError, match=r"'draft' needs a draft model"):
+        model.generate(PROMPTS["copy"], max_new_tokens=4, speculative="draft")
+
+
 def test_sampling_with_drafts_is_reproducible_with_a_seed(model) -> None:
     settings = dict(temperature=0.8, top_k=20, repetition_penalty=1.2, seed=5)
     first, session = _generate(model, COPY, "lookup", **settings)
@@ -135,9 +168,14 @@ class _Words:
         return "".join(f"w{token} " for token in tokens)
 
 
-def test_the_api_scheduler_speculates_with_the_same_replies(model, reference, monkeypatch) -> None:
+@pytest.mark.parametrize("mode", ["lookup", "draft"])
+def test_the_api_scheduler_speculates_with_the_same_replies(
+    mode, model, llama, reference, monkeypatch
+) -> None:
     """Requests stepped together by the API's scheduler, with drafts: each reply is plain
     greedy's, and drafts were accepted."""
+    if mode == "draft":
+        monkeypatch.setattr(model, "draft_model", DraftModel.load(str(llama.path), llama))
     made: list[Speculation] = []
 
     class Recorded(Speculation):
@@ -156,7 +194,7 @@ def test_the_api_scheduler_speculates_with_the_same_replies(model, reference, mo
                 model.generation_defaults,
                 max_new_tokens=NEW_TOKENS,
                 eos_token_id=[],
-                speculative="lookup",
+                speculative=mode,
             )
             scheduler.submit(Job(Prompt(prompt), settings, (), events[name].put))
         for name, prompt in PROMPTS.items():

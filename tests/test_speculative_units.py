@@ -121,8 +121,10 @@ def test_the_draft_length_adapts_within_its_bounds() -> None:
 
 def test_speculative_modes_are_checked() -> None:
     assert check_speculative("lookup") == "lookup"
-    with pytest.raises(ValueError, match=r"'draft'.*not built yet"):
-        check_speculative("draft")
+    assert check_speculative("draft") == "draft"  # whether a draft model is loaded: unknown
+    assert check_speculative("draft", has_draft_model=True) == "draft"
+    with pytest.raises(ValueError, match=r"'draft' needs a draft model.*--draft-model REF"):
+        check_speculative("draft", has_draft_model=False)
     with pytest.raises(ValueError, match="off, lookup, draft"):
         GenerationConfig.build(
             type("Defaults", (), {"eos_token_id": None, "pad_token_id": 0}), speculative="fast"

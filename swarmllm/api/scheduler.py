@@ -8,9 +8,9 @@ hidden states and samples each request's token with that request's own settings.
 that finishes, fails or is cancelled (its HTTP client went away) leaves between two rounds and
 its session is closed on the peers at once; a new request joins at the next round. A new
 request's prompt pass runs in the round it joins, so that round's tokens of the others wait for
-it (there is no chunked prefill). With ``swarmllm api --speculative lookup`` a request's step may
-carry draft tokens after its new one and give several tokens (``client.generation``); peers run
-such a step alone rather than in the batch.
+it (there is no chunked prefill). With ``swarmllm api --speculative lookup`` (or ``draft``) a
+request's step may carry draft tokens after its new one and give several tokens
+(``client.generation``); peers run such a step alone rather than in the batch.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from swarmllm.protocol import WIRE_DTYPES
 
 if TYPE_CHECKING:
     from swarmllm.api.metrics import Metrics
+    from swarmllm.client.draft_model import DraftModel
     from swarmllm.client.model import DistributedModelForCausalLM
 
 logger = logging.getLogger("swarmllm.api")
@@ -98,12 +99,19 @@ class HopReport:
 class _Generation:
     """A job being generated: its session, its tokens so far, its text."""
 
-    def __init__(self, job: Job, session: InferenceSession, images: ImageInputs | None, decode):
+    def __init__(
+        self,
+        job: Job,
+        session: InferenceSession,
+        images: ImageInputs | None,
+        decode,
+        draft_model: DraftModel | None,
+    ):
         self.job, self.session, self.images = job, session, images
         self.history = job.prompt.ids
         self.to_feed = job.prompt.ids
         self.sampler = TokenSampler(job.settings.sampling)
-        self.speculation = Speculation(self.sampler, job.settings.speculative)
+        self.speculation = Speculation(self.sampler, job.settings.speculative, None, draft_model)
         self.text = TextStream(decode, job.stop)
         self.generated = 0
         self.opened = False
@@ -242,7 +250,7 @@ class Scheduler:
             adapter = model.image_encoder.adapter_name
         max_length = job.prompt.ids.shape[1] + job.settings.max_new_tokens
         session = model.new_session(max_length, adapter=adapter)
-        return _Generation(job, session, images, self._decode)
+        return _Generation(job, session, images, self._decode, model.draft_model)
 
     def _leave(self) -> None:
         """Close the sessions of finished and cancelled requests on the peers now."""

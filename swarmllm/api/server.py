@@ -106,8 +106,9 @@ def create_app(
 ) -> FastAPI:
     """The server in front of ``model``'s swarm; starts and stops its scheduler with the app.
     ``max_active`` requests are generated together; later ones queue. ``speculative``: how
-    every request decodes ("off" or "lookup")."""
-    state = ApiState(model, api_keys, Metrics(), max_active, check_speculative(speculative))
+    every request decodes ("off", "lookup", or "draft" with the model's draft model)."""
+    speculative = check_speculative(speculative, model.draft_model is not None)
+    state = ApiState(model, api_keys, Metrics(), max_active, speculative)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,5 +1,8 @@
 """Draft tokens for speculative decoding, and how many to propose per round.
 
+Drafts come from the context (``lookup``, below) or from a small local model (``draft``,
+``client/draft_model.py``); both propose a deterministic continuation.
+
 Prompt lookup (no extra model): the last few tokens of the context are looked up earlier in the
 context, and the tokens that followed their most recent earlier occurrence are the draft. Text
 that copies from its context (rewriting, summarising, code edits, repetitive output) gets long
@@ -19,15 +22,17 @@ MAX_NGRAM, MIN_NGRAM = 3, 2  # a single-token match is too often chance to be wo
 MIN_DRAFT, MAX_DRAFT, FIRST_DRAFT = 1, 8, 4
 
 
-def check_speculative(mode: str) -> str:
-    """``mode`` if this client can speculate that way; a clear error otherwise."""
-    if mode == "draft":
-        raise ValueError(
-            "speculative mode 'draft' (drafts from a small local model, --draft-model) is not "
-            "built yet; use 'lookup' (drafts from the context) or 'off'"
-        )
+def check_speculative(mode: str, has_draft_model: bool | None = None) -> str:
+    """``mode`` if it names a way to speculate and, when ``has_draft_model`` is known, this
+    client can speculate that way; a clear error otherwise."""
     if mode not in SPECULATIVE_MODES:
         raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {mode!r}")
+    if mode == "draft" and has_draft_model is False:
+        raise ValueError(
+            "speculative mode 'draft' needs a draft model: a small model with the same "
+            "tokenizer, given as --draft-model REF (Python: from_pretrained(..., "
+            "draft_model=REF)); or use 'lookup' (drafts from the context, no extra model)"
+        )
     return mode
 
 

@@ -5,13 +5,14 @@ step sends all unfinished sequences' tokens concurrently, so each peer receives 
 and runs them as one batched forward; the client then runs the LM head once over every
 sequence's last hidden state. A sequence that finishes leaves the batch; the others go on.
 
-With speculative decoding (``speculative="lookup"``, one-row sessions) a round sends the new
-token followed by draft tokens in one step, the LM head runs at every one of those positions,
-and the sampler keeps the longest prefix of drafts the model agrees with plus one token of its
-own (``TokenSampler.verify``). The session then rewinds to the last kept token: its per-hop
-history (what a failover replays) at once, the peers' caches at the next step, whose position
-tells them where to cut. Every round thus gives one to k + 1 tokens for one trip through the
-chain, and the tokens are those (greedy) or distributed as those (sampling) of plain decoding.
+With speculative decoding (``speculative="lookup"`` or ``"draft"``, one-row sessions) a round
+sends the new token followed by draft tokens in one step, the LM head runs at every one of
+those positions, and the sampler keeps the longest prefix of drafts the model agrees with plus
+one token of its own (``TokenSampler.verify``). The session then rewinds to the last kept
+token: its per-hop history (what a failover replays) at once, the peers' caches at the next
+step, whose position tells them where to cut. Every round thus gives one to k + 1 tokens for
+one trip through the chain, and the tokens are those (greedy) or distributed as those
+(sampling) of plain decoding.
 
 With verification on, a spot-check may catch a hop lying after its outputs went on: its
 session rewinds (``SessionRewound``) and the sequence drops the tokens made since and makes
@@ -44,6 +45,7 @@ from swarmllm.client.sampling import SamplingParams, TokenSampler
 from swarmllm.client.session import SessionFailedError, SessionRewound
 
 if TYPE_CHECKING:
+    from swarmllm.client.draft_model import DraftModel, ModelDrafter
     from swarmllm.client.model import ClientSession
 
 logger = logging.getLogger("swarmllm.client")
@@ -83,8 +85,8 @@ class GenerationConfig:
         Greedy unless sampling is asked for: ``do_sample`` defaults to True when a
         temperature, top-k or top-p is given; temperature 0 means greedy. A ``seed`` without
         sampling is an error rather than silently unused. ``eos_token_id`` defaults to the
-        model's (``[]``: none). ``speculative``: "off" or "lookup" (see the module)."""
-        check_speculative(speculative)
+        model's (``[]``: none). ``speculative``: "off", "lookup" or "draft" (see the module)."""
+        check_speculative(speculative)  # whether this client has a draft model is not known here
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature is not None and temperature < 0:
@@ -125,9 +127,20 @@ class Speculation:
     """Drafts and their verification for one sequence of one row (the API's requests use it
     too): ``plan`` the drafts of a round, then ``tokens`` from the logits at every fed draft."""
 
-    def __init__(self, sampler: TokenSampler, mode: str, stats: SpeculationStats | None = None):
+    def __init__(
+        self,
+        sampler: TokenSampler,
+        mode: str,
+        stats: SpeculationStats | None = None,
+        draft_model: DraftModel | None = None,
+    ):
+        check_speculative(mode, draft_model is not None)
         self.sampler = sampler
-        self.lookup = PromptLookup() if mode == "lookup" else None
+        self.drafter: PromptLookup | ModelDrafter | None = None
+        if mode == "lookup":
+            self.drafter = PromptLookup()
+        elif mode == "draft" and draft_model is not None:
+            self.drafter = draft_model.drafter()
         self.length = DraftLength()
         self.stats = stats if stats is not None else SpeculationStats()
         self.drafts = torch.zeros(1, 0, dtype=torch.long)
@@ -136,9 +149,9 @@ class Speculation:
         """This round's drafts [1, k] (k <= ``room``, maybe 0) to follow ``history`` [1, n]."""
         self.drafts = history[:, :0]
         # drafts need one position for every row: only one-row sequences speculate
-        if self.lookup is not None and history.shape[0] == 1:
+        if self.drafter is not None and history.shape[0] == 1:
             limit = min(self.length.current, room)
-            self.drafts = self.lookup.propose(history[0], limit)[None]
+            self.drafts = self.drafter.propose(history[0], limit)[None]
         return self.drafts
 
     def tokens(self, history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -179,7 +192,9 @@ class _Sequence:
         self.eos = torch.tensor(sorted(settings.eos_token_ids), dtype=torch.long)
         self.regenerations = 0
         self.sampler = TokenSampler(settings.sampling)
-        self.speculation = Speculation(self.sampler, settings.speculative, session.speculation)
+        self.speculation = Speculation(
+            self.sampler, settings.speculative, session.speculation, session.model.draft_model
+        )
         self.streamer = streamer
         self.finished = torch.zeros(prompt.shape[0], dtype=torch.bool)
         self.generated: list[torch.Tensor] = []

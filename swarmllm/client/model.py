@@ -27,7 +27,8 @@ from swarmllm.blocks.vision_factory import load_image_encoder
 from swarmllm.client.bans import BanList
 from swarmllm.client.chat import ChatSession
 from swarmllm.client.connection import SwarmConnection
-from swarmllm.client.drafting import SpeculationStats
+from swarmllm.client.draft_model import DraftModel
+from swarmllm.client.drafting import SpeculationStats, check_speculative
 from swarmllm.client.generation import GenerationConfig, gather_or_cancel, generate_tokens
 from swarmllm.client.hop import SessionSpec
 from swarmllm.client.profile import Profile, measure, phase_of
@@ -135,6 +136,7 @@ class DistributedModelForCausalLM:
         verify_fraction: float = 0.0,
         profile: bool = False,
         min_precision: str | None = None,
+        draft_model: DraftModel | None = None,
     ):
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
@@ -150,6 +152,7 @@ class DistributedModelForCausalLM:
         # where the time goes, over every session of this model (see ``Profile.format``)
         self.profile: Profile | None = Profile() if profile else None
         self.bans = BanList()
+        self.draft_model = draft_model  # drafts for speculative="draft"
         # route and spot-check only through peers computing at this precision or finer
         self.router = Router(
             connection,
@@ -173,18 +176,22 @@ class DistributedModelForCausalLM:
         dtype: torch.dtype = torch.float32,
         device: str = "auto",
         identity: str | Path | None = None,
+        draft_model: str | None = None,
         **kwargs: Any,
     ) -> DistributedModelForCausalLM:
         """``identity``: this client's key file (created if missing), for private swarms whose
         peers list this client's peer id; default: a fresh key per connection. ``device``
         (auto|cpu|cuda[:N]|mps) holds the embeddings and LM head; ``min_precision`` (one of
-        ``dht.records.PRECISIONS``) routes only through peers computing at least that finely."""
+        ``dht.records.PRECISIONS``) routes only through peers computing at least that finely.
+        ``draft_model``: a small model with the same tokenizer (hub id or folder), held whole
+        here, whose drafts ``speculative="draft"`` verifies."""
         where = resolve_device(device)  # fail before reading weights or joining the swarm
         source = resolve_model(model_ref)
+        drafts = DraftModel.load(draft_model, source, dtype) if draft_model else None
         head = ModelHead.from_weights(source.config, source.weight_files(), dtype, where)
         connection = SwarmConnection(initial_peers, identity=identity)
         try:
-            return cls(source, head, connection, **kwargs)
+            return cls(source, head, connection, draft_model=drafts, **kwargs)
         except BaseException:
             connection.shutdown()
             raise
@@ -295,12 +302,13 @@ class DistributedModelForCausalLM:
 
         ``config`` takes max_new_tokens, do_sample, temperature, top_k, top_p,
         repetition_penalty, seed, eos_token_id, stop_strings and speculative ("off", the
-        default, or "lookup": drafts from the context, verified several per step; the same
-        greedy tokens, the same distribution when sampling). With ``session`` the prompt
+        default; "lookup": drafts from the context; "draft": from the ``draft_model``; the
+        drafts are verified several per step: the same greedy tokens, the same distribution
+        when sampling). With ``session`` the prompt
         continues that session (multi-turn chat: pass only the new turn's tokens).
         ``streamer`` is any transformers streamer (``put``/``end``), e.g. ``TextStreamer``.
         """
-        settings = GenerationConfig.build(self.generation_defaults, **config)
+        settings = self._settings(config)
         pad_lengths = _left_padding(input_ids, attention_mask)
         inputs = self.image_encoder.image_inputs(input_ids, images) if images else None
         if session is not None:
@@ -340,7 +348,7 @@ class DistributedModelForCausalLM:
         """Prompt + new tokens for each prompt ([rows, n] each, lengths may differ), each in
         its own session, stepped together so that peers batch them and the LM head runs once
         per step. ``config`` is ``generate``'s; each output equals ``generate``'s for it alone."""
-        settings = GenerationConfig.build(self.generation_defaults, **config)
+        settings = self._settings(config)
         sessions = [
             ClientSession(self, self.new_session(p.shape[1] + settings.max_new_tokens, p.shape[0]))
             for p in prompts
@@ -350,6 +358,13 @@ class DistributedModelForCausalLM:
             return self._generate(sessions, prompts, settings)
         finally:
             self.connection.run(_close_all(sessions), timeout=10)
+
+    def _settings(self, config: dict[str, Any]) -> GenerationConfig:
+        """``generate``'s keywords as settings, refused before any session opens if this
+        client cannot generate that way."""
+        settings = GenerationConfig.build(self.generation_defaults, **config)
+        check_speculative(settings.speculative, self.draft_model is not None)
+        return settings
 
     def _generate(
         self,

@@ -8,7 +8,11 @@ import os
 from collections.abc import Sequence
 
 from swarmllm.commands.arguments import multiaddr, port, positive_int
-from swarmllm.commands.client_options import add_speculative_option, speculative_mode
+from swarmllm.commands.client_options import (
+    add_draft_model_option,
+    add_speculative_option,
+    speculative_mode,
+)
 
 # a server steps many requests together: peers batch single-token steps across sessions, but
 # run a step with drafts alone, so drafting is for servers of few, latency-bound users
@@ -54,6 +58,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, port_flag: str = "--po
         f"${API_KEYS_ENV}, comma-separated); default: no key needed",
     )
     add_speculative_option(parser, DEFAULT_SERVER_SPECULATIVE)
+    add_draft_model_option(parser)
 
 
 def api_keys(flags: Sequence[str]) -> list[str]:
@@ -73,6 +78,7 @@ def run_api(args: argparse.Namespace) -> None:
         api_keys(args.api_key),
         step_timeout=args.timeout,
         speculative=speculative_mode(args),
+        draft_model=args.draft_model,
     )
 
 
@@ -85,13 +91,14 @@ def serve_swarm(
     max_active: int = 8,
     step_timeout: float = 10.0,
     speculative: str = DEFAULT_SERVER_SPECULATIVE,
+    draft_model: str | None = None,
 ) -> None:
     """Join the swarm as a client and serve HTTP until SIGINT/SIGTERM."""
     from swarmllm.api.server import serve
     from swarmllm.client.model import DistributedModelForCausalLM
 
     with DistributedModelForCausalLM.from_pretrained(
-        model_ref, initial_peers=initial_peers, step_timeout=step_timeout
+        model_ref, initial_peers=initial_peers, step_timeout=step_timeout, draft_model=draft_model
     ) as model:
         shown = "localhost" if host in ("127.0.0.1", "::1") else host
         print(

@@ -61,6 +61,7 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--identity", type=Path, help="this client's key file (for peers that allow-list it)"
     )
+    add_draft_model_option(parser)
     parser.add_argument(
         "--device",
         default="auto",
@@ -105,17 +106,30 @@ def add_speculative_option(
     parser.add_argument(
         "--speculative",
         choices=SPECULATIVE_MODES,
-        default=default,
-        help="speculative decoding: 'lookup' drafts tokens from the context (no extra model) and "
-        "the swarm verifies several per step; the same greedy tokens, the same sampling "
-        f"distribution; 'draft' (a local draft model) is not built yet (default {default})",
+        help="speculative decoding: 'lookup' drafts tokens from the context (no extra model), "
+        "'draft' from the --draft-model, and the swarm verifies several per step; the same "
+        f"greedy tokens, the same sampling distribution (default: 'draft' with a --draft-model, "
+        f"else {default!r})",
+    )
+    parser.set_defaults(default_speculative=default)
+
+
+def add_draft_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--draft-model",
+        metavar="REF",
+        help="a small model with the same tokenizer (hub id or local directory), held whole "
+        "here, that drafts tokens for --speculative draft",
     )
 
 
 def speculative_mode(args: argparse.Namespace) -> str:
-    """The ``--speculative`` mode, refused before joining the swarm if this client lacks it."""
+    """The ``--speculative`` mode (default: 'draft' when a draft model is named), refused
+    before joining the swarm if this client lacks it."""
+    has_draft_model = args.draft_model is not None
+    mode = args.speculative or ("draft" if has_draft_model else args.default_speculative)
     try:
-        return check_speculative(args.speculative)
+        return check_speculative(mode, has_draft_model)
     except ValueError as e:
         raise UsageError(f"--speculative: {e}") from None
 
@@ -164,6 +178,7 @@ def connect(args: argparse.Namespace):
         profile=getattr(args, "profile", False),
         device=args.device,
         min_precision=args.min_precision,
+        draft_model=args.draft_model,
     )
     try:
         model.check_coverage()

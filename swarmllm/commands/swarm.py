@@ -80,6 +80,7 @@ def run_swarm(args: argparse.Namespace) -> None:
                 keys,
                 max_active=args.max_concurrent,
                 speculative=speculative_mode(args),
+                draft_model=args.draft_model,
             )
         else:
             _serve_until_stopped(swarm)
