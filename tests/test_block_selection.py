@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState
-from swarmllm.peer.selection import choose_span
+from swarmllm.peer.selection import better_span, choose_span
 
 
 def record(
@@ -124,3 +124,65 @@ def test_rejects_inconsistent_map():
     broken = CoverageMap(model_id="m", num_blocks=30, blocks=[{}] * 29)
     with pytest.raises(ValueError, match="lists 29 blocks"):
         choose_span(broken, 10)
+
+
+# ------------------------------------------------------------------ rebalancing
+
+
+def test_a_replica_moves_to_a_span_that_lost_all_its_peers():
+    peers = {"A": record(0, 10), "B": record(0, 10), "C": record(10, 20)}
+    assert better_span(coverage(30, peers), "B", 0.75) == (20, 30)
+    assert better_span(coverage(30, peers), "A", 0.75) == (20, 30)
+
+
+def test_the_only_server_of_a_block_never_leaves_it_for_a_gap():
+    peers = {"A": record(0, 10), "C": record(10, 20)}
+    assert better_span(coverage(30, peers), "A", 1.0) is None
+    assert better_span(coverage(30, peers), "C", 1.0) is None
+
+
+def test_a_move_must_raise_the_bottleneck_by_the_quality_margin():
+    # 0-9 has 30 steps/s, 10-19 has 10: moving B's 10 evens it out at 20 (a 2x gain)
+    peers = {
+        "A": record(0, 10, throughput=10),
+        "B": record(0, 10),
+        "X": record(0, 10),
+        "C": record(10, 20),
+        "D": record(20, 30, throughput=100),
+    }
+    assert better_span(coverage(30, peers), "B", 0.75) == (10, 20)
+    # 0-9 at 20, 10-19 at 15: without B, 0-9 would be the weakest span: B stays where it is
+    peers = {
+        "A": record(0, 10),
+        "B": record(0, 10),
+        "C": record(10, 20, throughput=15),
+        "D": record(20, 30, throughput=100),
+    }
+    assert better_span(coverage(30, peers), "B", 0.75) is None
+
+
+def test_a_small_gain_stays_below_the_margin():
+    # 0-9: 30 (3 peers), 10-19: 20 (2 peers, one at 10), 20-29: 19 (1 peer): B moving to
+    # 20-29 gives a bottleneck of 20 against 19, below the 4/3 a move needs at quality 0.75
+    peers = {
+        "A": record(0, 10), "B": record(0, 10), "X": record(0, 10),
+        "C": record(10, 20), "E": record(10, 20),
+        "D": record(20, 30, throughput=19),
+    }  # fmt: skip
+    assert better_span(coverage(30, peers), "B", 0.75) is None
+    assert better_span(coverage(30, peers), "B", 1.0) == (20, 30)
+
+
+def test_nobody_moves_while_a_peer_is_joining():
+    peers = {"A": record(0, 10), "B": record(0, 10), "J": record(20, 30, PeerState.JOINING, 0.0)}
+    assert better_span(coverage(30, peers), "B", 0.75) is None
+    del peers["J"]
+    assert better_span(coverage(30, peers), "B", 0.75) == (10, 20)
+
+
+def test_a_peer_that_is_not_online_does_not_move():
+    peers = {"A": record(0, 10), "B": record(0, 10, PeerState.OFFLINE)}
+    assert better_span(coverage(30, peers), "B", 0.75) is None
+    assert better_span(coverage(30, peers), "Z", 0.75) is None  # no record at all
+    with pytest.raises(ValueError, match="balance quality"):
+        better_span(coverage(30, peers), "A", 0.0)

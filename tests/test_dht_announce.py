@@ -245,6 +245,41 @@ def test_a_moved_announcer_leaves_no_usable_record_behind(swarm: Swarm):
         announcer.stop()
 
 
+def test_a_joining_announcer_hands_its_blocks_over_without_a_final_record(swarm: Swarm):
+    """A peer moving to blocks 2-3 announces them JOINING beside its ONLINE 0-1, then its main
+    announcer takes them over: the JOINING announcer stops without a last word, so nothing
+    says OFFLINE where the peer now serves."""
+    first, first_id = swarm.peers[0], swarm.peer_ids[0]
+
+    def read() -> CoverageMap:
+        return get_coverage(swarm.reader, "handover-model", 4)
+
+    main = Announcer(first, "handover-model", [0, 1], record(0, 2), refresh_period=1.0, ttl=3.0)
+    joining = Announcer(
+        first,
+        "handover-model",
+        [2, 3],
+        record(2, 4, PeerState.JOINING),
+        refresh_period=1.0,
+        ttl=3.0,
+    )
+    main.start()
+    joining.start()
+    try:
+        both = wait_until(read, lambda c: first_id in c.blocks[0] and first_id in c.blocks[3])
+        assert both.blocks[0][first_id].state == PeerState.ONLINE
+        assert both.blocks[3][first_id].state == PeerState.JOINING
+        joining.stop(final_state=None)
+        main.move([2, 3], start=2, end=4)
+        moved = wait_until(read, lambda c: not c.blocks[0])
+        time.sleep(1.5)  # past a refresh: a final JOINING or OFFLINE record would show now
+        moved = read()
+        assert [set(block) for block in moved.blocks] == [set(), set(), {first_id}, {first_id}]
+        assert moved.blocks[2][first_id] == record(2, 4)
+    finally:
+        main.stop()
+
+
 def test_a_record_under_a_block_outside_its_span_is_skipped(swarm: Swarm):
     announce(swarm.peers[0], "misfiled-model", [0, 1], record(1, 2), get_dht_time() + 30)
     coverage = get_coverage(swarm.reader, "misfiled-model", 2)

@@ -290,3 +290,40 @@ def test_stateless_forwards_are_bounded_per_client_and_in_size(span, llama) -> N
     assert sorted(r["kind"] for r in together) == ["error", "reply"]
     (busy,) = [r for r in together if r["kind"] == "error"]
     assert busy["code"] == ErrorCode.BUSY and "stateless forwards" in busy["message"]
+
+
+def test_a_peer_that_moves_drains_the_sessions_from_before_then_ends_them(span, llama) -> None:
+    """After ``move_to`` a session from before goes on with its old layers until its drain
+    deadline, then gets EXPIRED (its client reopens elsewhere, blaming no one); new sessions
+    open only on the new blocks."""
+    peer = make_peer(span, llama)
+    moved = BlockSpan.from_weights(llama.config, llama.weight_files(), 3, 6)
+    client = _peer_id()
+    hidden = torch.randn(1, 4, peer.width)
+
+    async def scenario() -> tuple[list[dict], dict, list[dict]]:
+        old = Stream(peer, client)
+        assert (await old.ask(peer.opening(end=3)))["kind"] == "opened"
+        before = await old.ask(Step(0, 1, (hidden,)).encode())
+        info = {**peer.servicer.info, "start": 3, "end": 6}
+        assert peer.servicer.move_to(moved, info, None, drain_seconds=1.0) == 1
+        during = await old.ask(Step(4, 2, (hidden[:, :1],)).encode())  # the old layers still
+        await asyncio.sleep(1.2)
+        after = await old.ask(Step(5, 3, (hidden[:, :1],)).encode())
+        with pytest.raises(StopAsyncIteration):
+            await old.next(timeout=10)
+        new, stale = Stream(peer, client), Stream(peer, client)
+        openings = [
+            await new.ask(peer.opening(start=3, end=6)),
+            await stale.ask(peer.opening(start=0, end=3)),
+        ]
+        await new.close()
+        await stale.close()
+        return [before, during], after, openings
+
+    served, after, (opened, refused) = asyncio.run(scenario())
+    assert [reply["kind"] for reply in served] == ["reply", "reply"]
+    assert after["code"] == ErrorCode.EXPIRED and "moved to blocks [3, 6)" in after["message"]
+    assert opened["kind"] == "opened"
+    assert refused["code"] == ErrorCode.INVALID and "is not served here" in refused["message"]
+    assert peer.servicer.registry.tokens_left == CACHE_TOKENS

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from swarmllm.commands.arguments import (
     add_reachability_flags,
+    balance_quality,
     block_range,
     multiaddr,
+    non_negative_float,
     peer_multiaddr,
     positive_int,
     readable_file,
@@ -103,6 +105,30 @@ def add_peer_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--refresh-period", type=float, default=10.0, help="seconds between DHT announcements"
     )
+    balance = parser.add_argument_group(
+        "rebalancing", "a peer that chose its own blocks moves where the swarm needs it"
+    )
+    balance.add_argument(
+        "--balance-period",
+        type=non_negative_float,
+        default=120.0,
+        metavar="S",
+        help="mean seconds between checks for a better span; 0 never moves (default 120)",
+    )
+    balance.add_argument(
+        "--balance-quality",
+        type=balance_quality,
+        default=0.75,
+        metavar="Q",
+        help="move when the swarm's slowest block would get 1/Q times faster (default 0.75)",
+    )
+    balance.add_argument(
+        "--drain-timeout",
+        type=non_negative_float,
+        default=60.0,
+        metavar="S",
+        help="seconds the sessions open at a move may go on with the old blocks (default 60)",
+    )
     parser.add_argument(
         "--allowed-peers",
         type=readable_file,
@@ -178,5 +204,8 @@ def run_peer_command(args: argparse.Namespace) -> None:
         limits=dataclasses.replace(RequestLimits(), **given),
         allowed_peers=allowed,
         adapter=args.adapter,
+        balance_period=args.balance_period,
+        balance_quality=args.balance_quality,
+        drain_timeout=args.drain_timeout,
     )
     run_peer(settings, source)

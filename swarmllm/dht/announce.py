@@ -170,19 +170,23 @@ class Announcer:
             self.blocks = list(blocks)
         self._wake.set()
 
-    def stop(self, final_state: PeerState = PeerState.OFFLINE) -> None:
+    def stop(self, final_state: PeerState | None = PeerState.OFFLINE) -> None:
         """Stop refreshing and announce ``final_state``; returns within about 2 × store_timeout.
 
         The final record outlives the last refreshed one by a moment (see module docstring), so
-        readers see ``final_state`` until the record would have expired anyway.
+        readers see ``final_state`` until the record would have expired anyway. With
+        ``final_state`` None nothing more is announced: another announcer took the blocks over
+        (its records expire later, so they win).
         """
         with self._lock:
             self._stopped.set()
-            self._record = dataclasses.replace(self._record, state=final_state)
+            if final_state is not None:
+                self._record = dataclasses.replace(self._record, state=final_state)
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.store_timeout + PROCESS_MARGIN)
-        self._announce(ttl=self.refresh_period, final=True)
+        if final_state is not None:
+            self._announce(ttl=self.refresh_period, final=True)
 
     def _run(self) -> None:
         while not self._stopped.is_set():

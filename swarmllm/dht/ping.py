@@ -1,4 +1,5 @@
-"""Which peers of a coverage map answer: their DHT nodes, pinged from ours in one round."""
+"""Which peers of a coverage map answer: their DHT nodes, pinged from ours in one round; and
+the coverage map of only those."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import hivemind
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import PeerID
 
+from swarmllm.dht.coverage import get_coverage
 from swarmllm.dht.node import run_bounded
+from swarmllm.dht.records import CoverageMap
 
 PING_TIMEOUT = 3.0
 
@@ -43,3 +46,13 @@ async def _ping_in_dht(
 
     answers = await asyncio.gather(*(ping(peer_id) for peer_id in peer_ids))
     return [peer_id for peer_id in answers if peer_id is not None]
+
+
+async def live_coverage(dht: hivemind.DHT, model_id: str, num_blocks: int) -> CoverageMap:
+    """The coverage map without the records of peers that do not answer a ping (a peer that
+    was killed leaves records that still say ONLINE until they expire)."""
+    loop = asyncio.get_running_loop()
+    coverage = await loop.run_in_executor(None, get_coverage, dht, model_id, num_blocks)
+    others = set(coverage.peers()) - {dht.peer_id.to_base58()}
+    answering = await loop.run_in_executor(None, answering_peers, dht, others)
+    return coverage.without(others - answering)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import random
 import signal
@@ -14,24 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hivemind
-import torch
 
 import swarmllm
 from swarmllm.blocks.placement import Placement, resolve_placement
-from swarmllm.blocks.sources import ModelSource, cache_root
-from swarmllm.blocks.span import BlockSpan
+from swarmllm.blocks.sources import ModelSource
 from swarmllm.blocks.vision import ADAPTER_BLOCK
 from swarmllm.dht.announce import Announcer
-from swarmllm.dht.coverage import get_coverage
 from swarmllm.dht.node import swarm_dht
-from swarmllm.dht.ping import answering_peers
-from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState
+from swarmllm.dht.ping import live_coverage
+from swarmllm.dht.records import PeerRecord, PeerState
 from swarmllm.peer.batching import BatchingWorker
+from swarmllm.peer.loading import SpanLoader
+from swarmllm.peer.rebalancing import BalanceSettings, Rebalancer
 from swarmllm.peer.selection import choose_span
 from swarmllm.peer.servicer import PeerIdentity, PeerServicer
 from swarmllm.peer.sessions import SessionRegistry
 from swarmllm.peer.sizing import BlockBudget, block_budget
-from swarmllm.peer.throughput import cached_decode_rate
 from swarmllm.protocol import SERVICER_NAMESPACE
 from swarmllm.security.identity import load_or_create_identity, peer_id_of
 from swarmllm.security.validation import RequestLimits
@@ -67,6 +64,10 @@ class PeerSettings:
     limits: RequestLimits = field(default_factory=RequestLimits)
     allowed_peers: frozenset[str] | None = None  # serve only these clients (a private swarm)
     adapter: bool = True  # with block 0, also serve the model's vision adapter if it has one
+    # peers that chose their own blocks: mean seconds between checks for a better span (0: never)
+    balance_period: float = 120.0
+    balance_quality: float = 0.75  # move when the swarm's bottleneck would grow by 1/quality
+    drain_timeout: float = 60.0  # seconds sessions from before a move may go on
 
 
 def check_blocks(blocks: tuple[int, int] | None, source: ModelSource) -> None:
@@ -159,32 +160,13 @@ async def _serve(
             if settings.blocks is None:
                 start, end = await _settle(dht, source, announcer, start, end)
             print(budget.describe(end - start, source.config.num_hidden_layers), flush=True)
-            adapter = None
-            if settings.adapter and start == 0:  # images enter with block 0, in the first hop
-                # imported here: a peer without block 0 never loads the vision models' code
-                from swarmllm.blocks.vision_factory import load_adapter
-
-                adapter = await worker.run(load_adapter, source)
-            adapters = (adapter.name,) if adapter is not None else ()
+            loader = SpanLoader(
+                source, placement, worker, settings.decode_threads, settings.adapter
+            )
+            adapter = await loader.adapter_for(start)
             if adapter is not None:
-                announcer.move([*range(start, end), ADAPTER_BLOCK], adapters=adapters)
-            span = await worker.run(
-                functools.partial(
-                    BlockSpan.from_weights,
-                    source.config,
-                    source.weight_files(),
-                    start,
-                    end,
-                    placement=placement,
-                )
-            )
-            decode_rate = await worker.run(
-                cached_decode_rate,
-                span,
-                source.model_id,
-                settings.decode_threads,
-                cache_root() / "throughput.json",
-            )
+                announcer.move([*range(start, end), ADAPTER_BLOCK], adapters=(adapter.name,))
+            loaded = await loader.load(start, end, adapter)
             limits = dataclasses.replace(
                 settings.limits, session_idle_timeout=settings.session_timeout
             )
@@ -194,40 +176,41 @@ async def _serve(
                 limits.max_sessions_per_peer,
                 limits.max_cache_tokens_per_peer,
             )
-            info = {
-                "model_id": source.model_id,
-                "start": start,
-                "end": end,
-                "version": swarmllm.__version__,
-                "torch": torch.__version__,
-                "dtype": placement.dtype_name,
-                "device": str(placement.device),
-                "quant": placement.quant,
-                "decode_steps_per_s": decode_rate,
-                "state": "ONLINE",
-                "public_name": settings.public_name,
-                "adapters": list(adapters),
-            }
             servicer = PeerServicer(
-                span,
+                loaded.span,
                 PeerIdentity(source.model_id, swarmllm.__version__, private_key),
                 registry,
                 worker,
                 limits,
-                info,
+                loader.info(loaded, settings.public_name),
                 allowed_peers=settings.allowed_peers,
-                adapter=adapter,
+                adapter=loaded.adapter,
             )
             p2p = await dht.replicate_p2p()
             await servicer.add_p2p_handlers(p2p, namespace=SERVICER_NAMESPACE)
-            announcer.update(state=PeerState.ONLINE, decode_steps_per_s=decode_rate)
+            announcer.update(state=PeerState.ONLINE, decode_steps_per_s=loaded.decode_rate)
             print(
                 f"swarmllm peer ONLINE: blocks [{start}, {end}) of {source.model_id} "
-                f"as {peer_id} ({decode_rate:.1f} decode steps/s, {placement.describe()})"
+                f"as {peer_id} ({loaded.decode_rate:.1f} decode steps/s, "
+                f"{placement.describe()})"
                 + (f", with the {adapter.name} adapter" if adapter is not None else ""),
                 flush=True,
             )
-            await _maintain(stop, registry, announcer)
+            rebalancer = None
+            if settings.blocks is None and settings.balance_period > 0:
+                rebalancer = Rebalancer(
+                    dht,
+                    announcer,
+                    servicer,
+                    loader,
+                    BalanceSettings(
+                        settings.balance_period,
+                        settings.balance_quality,
+                        settings.drain_timeout,
+                        budget.fits,
+                    ),
+                )
+            await _maintain(stop, registry, announcer, rebalancer)
             await servicer.remove_p2p_handlers(p2p, namespace=SERVICER_NAMESPACE)
         finally:
             if announcer is not None:
@@ -248,19 +231,8 @@ async def _choose_blocks(
     wanted = min(settings.num_blocks or fits, num_layers)
     # a random pause lets peers started together see each other's JOINING records
     await asyncio.sleep(random.uniform(0, 1.0))
-    coverage = await _live_coverage(dht, source)
+    coverage = await live_coverage(dht, source.model_id, source.config.num_hidden_layers)
     return choose_span(coverage, wanted, exclude_peer=dht.peer_id.to_base58())
-
-
-async def _live_coverage(dht: hivemind.DHT, source: ModelSource) -> CoverageMap:
-    """The coverage map without the records of peers that do not answer a ping (a peer that
-    was killed leaves records that still say ONLINE until they expire)."""
-    loop = asyncio.get_running_loop()
-    num_layers = source.config.num_hidden_layers
-    coverage = await loop.run_in_executor(None, get_coverage, dht, source.model_id, num_layers)
-    others = set(coverage.peers()) - {dht.peer_id.to_base58()}
-    answering = await loop.run_in_executor(None, answering_peers, dht, others)
-    return coverage.without(others - answering)
 
 
 async def _settle(
@@ -277,7 +249,7 @@ async def _settle(
     held = 0
     for _ in range(MAX_SETTLE_CHECKS):
         await asyncio.sleep(random.uniform(0.5, 1.5))
-        coverage = await _live_coverage(dht, source)
+        coverage = await live_coverage(dht, source.model_id, source.config.num_hidden_layers)
         yielding = {
             peer_id
             for peer_id, record in coverage.peers().items()
@@ -296,13 +268,25 @@ async def _settle(
     return start, end
 
 
-async def _maintain(stop: asyncio.Event, registry: SessionRegistry, announcer: Announcer) -> None:
+async def _maintain(
+    stop: asyncio.Event,
+    registry: SessionRegistry,
+    announcer: Announcer,
+    rebalancer: Rebalancer | None,
+) -> None:
     """Until asked to stop: keep the announced cache room current (each session's stream ends
-    it when it idles or outlives its lifetime)."""
+    it when it idles or outlives its lifetime), and rebalance when the peer chose its blocks."""
+    balancing = asyncio.create_task(rebalancer.run()) if rebalancer is not None else None
     announced_room = registry.tokens_left
-    while not stop.is_set():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=MAINTENANCE_PERIOD)
-        if registry.tokens_left != announced_room:
-            announced_room = registry.tokens_left
-            announcer.update(cache_tokens_left=announced_room)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=MAINTENANCE_PERIOD)
+            if registry.tokens_left != announced_room:
+                announced_room = registry.tokens_left
+                announcer.update(cache_tokens_left=announced_room)
+    finally:
+        if balancing is not None:
+            balancing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await balancing

@@ -82,6 +82,10 @@ class _Inputs:
     images: ImageInputs | None
 
 
+class SessionMoved(Exception):
+    """A step of a session opened before this peer moved, after its draining time."""
+
+
 class PeerServicer(SwarmRPC):
     def __init__(
         self,
@@ -102,6 +106,26 @@ class PeerServicer(SwarmRPC):
         self._sub_spans: dict[tuple[int, int], BlockSpan] = {}
         self._codec = ThreadPoolExecutor(CODEC_THREADS, thread_name_prefix="swarmllm-codec")
         self._forwards: Counter[str] = Counter()  # stateless forwards running, per client
+
+    def move_to(
+        self,
+        span: BlockSpan,
+        info: dict[str, Any],
+        adapter: VisionAdapter | None,
+        drain_seconds: float,
+    ) -> int:
+        """Serve ``span`` (with ``adapter``, ``info``) from now on. The sessions open now go
+        on with the layers they hold for ``drain_seconds`` more, then end (their clients open
+        the blocks anew, maybe here); the old layers are freed when the last of them ends.
+        Returns how many sessions drain."""
+        self.span, self.info, self.adapter = span, info, adapter
+        self.compute_dtype = span.dtype
+        self._sub_spans = {}
+        deadline = time.monotonic() + drain_seconds
+        draining = self.registry.sessions()
+        for session in draining:
+            session.drain_by = min(session.drain_by, deadline)
+        return len(draining)
 
     async def _off_loop(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._codec, fn, *args)
@@ -231,6 +255,10 @@ class PeerServicer(SwarmRPC):
                 except VersionMismatch as e:
                     yield Error(str(e), ErrorCode.VERSION).encode()
                     return
+                except SessionMoved as e:  # the client opens the blocks elsewhere, no blame
+                    logger.info("closed a stream of %s: %s", context.remote_id, e)
+                    yield Error(str(e), ErrorCode.EXPIRED).encode()
+                    return
                 except MalformedMessage as e:
                     yield self._refuse(e, context)
                 except BusyError as e:
@@ -245,7 +273,7 @@ class PeerServicer(SwarmRPC):
 
     def _time_left(self, session: Session | None, started: float) -> float:
         """Seconds the stream may wait for its next message: the idle timeout, and at most
-        what is left of the session's lifetime."""
+        what is left of the session's lifetime (or of its draining, once the peer moved)."""
         now = time.monotonic()
         if session is None:
             return started + self.limits.session_idle_timeout - now
@@ -253,6 +281,7 @@ class PeerServicer(SwarmRPC):
             min(
                 session.last_used + self.limits.session_idle_timeout,
                 session.opened_at + self.limits.max_session_lifetime,
+                session.drain_by,
             )
             - now
         )
@@ -260,6 +289,8 @@ class PeerServicer(SwarmRPC):
     def _expired(self, session: Session | None, context: P2PContext) -> Error:
         if session is None:
             message = f"no session opened within {self.limits.session_idle_timeout:.0f} s"
+        elif time.monotonic() >= session.drain_by:
+            message = self._drained()
         elif time.monotonic() - session.opened_at >= self.limits.max_session_lifetime:
             message = (
                 f"session expired: open longer than the {self.limits.max_session_lifetime:.0f} s "
@@ -272,6 +303,12 @@ class PeerServicer(SwarmRPC):
             )
         logger.info("closed a stream of %s: %s", context.remote_id, message)
         return Error(message, ErrorCode.EXPIRED)
+
+    def _drained(self) -> str:
+        return (
+            f"session expired: this peer moved to blocks [{self.span.start}, {self.span.end}) "
+            "and its sessions from before have drained"
+        )
 
     async def _open(self, request: runtime_pb2.ExpertRequest, remote: str) -> Session:
         opening = await self._off_loop(self._decode_open, request)
@@ -286,7 +323,8 @@ class PeerServicer(SwarmRPC):
             max_length=opening.max_length,
             batch=opening.batch,
             wire_dtype=wire_dtype(opening.wire_dtype),
-            cache=self._sub_span(start, end).new_cache(capacity=opening.max_length),
+            span=(span := self._sub_span(start, end)),
+            cache=span.new_cache(capacity=opening.max_length),
             pad_lengths=opening.pad_lengths if pads is not None else None,
             pad_tensor=pads,
         )
@@ -315,12 +353,15 @@ class PeerServicer(SwarmRPC):
         received = time.perf_counter()
         if self.registry.get(session.key) is not session:
             raise InvalidRequest(f"unknown session {shorten(session.stream_id)} (closed)")
+        if time.monotonic() > session.drain_by:
+            raise SessionMoved(self._drained())
         step, inputs = await self._off_loop(self._decode_step, session, request)
         session.cache.truncate(step.position)  # a no-op unless the client rewinds
         session.last_step, session.last_used = step.step, time.monotonic()
-        span = self._sub_span(session.start, session.end)
         hidden = await self._compute_input(inputs.hidden, inputs.images, step.position)
-        computed = await self.worker.forward(span, hidden, session.cache, session.pad_tensor)
+        computed = await self.worker.forward(
+            session.span, hidden, session.cache, session.pad_tensor
+        )
         session.last_used = time.monotonic()
         digest = (
             MessageKind.INFERENCE,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swarmllm.blocks.kv_cache import KVCache
+from swarmllm.blocks.span import BlockSpan
 
 
 class BusyError(RuntimeError):
@@ -36,12 +37,15 @@ class Session:
     max_length: int
     batch: int
     wire_dtype: torch.dtype
+    span: BlockSpan  # the layers it runs through, kept while the peer moves elsewhere
     cache: KVCache
     pad_lengths: tuple[int, ...] | None = None  # as the client sent them (signed)
     pad_tensor: torch.Tensor | None = None  # for the span; None when no row is padded
     last_step: int = 0
     opened_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
+    # when the peer moved off its blocks: the time by which it must end (``time.monotonic``)
+    drain_by: float = float("inf")
 
     @property
     def key(self) -> SessionKey:
@@ -105,6 +109,10 @@ class SessionRegistry:
                     f"{self.max_tokens_per_peer} (the per-peer share)"
                 )
             self._sessions[session.key] = session
+
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
 
     def get(self, key: SessionKey) -> Session | None:
         return self._sessions.get(key)
