@@ -3,10 +3,11 @@
 Every ``period`` seconds on average (uniformly 0.5 to 1.5 times that, so that peers started
 together do not check together) the peer reads the live coverage map. When a move pays, it
 moves without leaving a block uncovered: it announces JOINING for the blocks it does not serve
-yet, waits a moment and gives way if a peer with a smaller id is joining the same blocks too,
-loads the new span, serves it, and only then drops the old blocks (announced OFFLINE). The
-sessions open at the move go on with the old layers for ``drain_timeout`` seconds; a step after
-that gets an EXPIRED error, and its client opens the blocks elsewhere, blaming no one.
+yet, waits a moment, and gives way if a peer with a smaller id is joining the same blocks too or
+if the move no longer pays (another peer filled the gap meanwhile); else it loads the new span,
+serves it, and only then drops the old blocks (announced OFFLINE). The sessions open at the
+move go on with the old layers for ``drain_timeout`` seconds; a step after that gets an EXPIRED
+error, and its client opens the blocks elsewhere, blaming no one.
 
 A move needs memory for both spans at once; a peer without that room stays where it is.
 """
@@ -100,8 +101,12 @@ class Rebalancer:
         handed_over = False
         try:
             await asyncio.sleep(random.uniform(*RIVAL_WAIT))
-            if rival := self._rival(await self._coverage(), start, end):
+            coverage = await self._coverage()
+            if rival := self._rival(coverage, start, end):
                 logger.info("peer %s is joining blocks [%d, %d) too: giving way", rival, start, end)
+                return
+            if self._still_better(coverage) != (start, end):  # a peer filled the gap meanwhile
+                logger.info("blocks [%d, %d) no longer need this peer: staying", start, end)
                 return
             adapter = await self.loader.adapter_for(start)
             loaded = await self.loader.load(start, end, adapter)
@@ -137,6 +142,26 @@ class Rebalancer:
                 if peer_id < self.peer_id and record.state == PeerState.JOINING:
                     return peer_id
         return None
+
+    def _still_better(self, coverage: CoverageMap) -> tuple[int, int] | None:
+        """``better_span`` again, as if this peer were not joining: its own JOINING records and
+        those of peers that give way to it (larger ids) left out."""
+        yielding = {
+            peer_id
+            for peer_id, record in coverage.peers().items()
+            if record.state == PeerState.JOINING and peer_id > self.peer_id
+        }
+        view = coverage.without(yielding)
+        blocks = [
+            {
+                peer_id: record
+                for peer_id, record in block.items()
+                if peer_id != self.peer_id or record.state == PeerState.ONLINE
+            }
+            for block in view.blocks
+        ]
+        view = CoverageMap(view.model_id, view.num_blocks, blocks, view.extra)
+        return better_span(view, self.peer_id, self.settings.quality)
 
     async def _coverage(self) -> CoverageMap:
         source = self.loader.source
