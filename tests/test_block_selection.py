@@ -3,31 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from coverage_maps import coverage, record
 
-from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState
+from swarmllm.dht.records import CoverageMap, PeerState
 from swarmllm.peer.selection import better_span, choose_span
-
-
-def record(
-    start: int, end: int, state: PeerState = PeerState.ONLINE, throughput: float = 10.0
-) -> PeerRecord:
-    return PeerRecord(
-        state=state,
-        start=start,
-        end=end,
-        decode_steps_per_s=throughput,
-        cache_tokens_left=1000,
-        version="0.1.0",
-        dtype="float32",
-    )
-
-
-def coverage(num_blocks: int, peers: dict[str, PeerRecord]) -> CoverageMap:
-    blocks: list[dict[str, PeerRecord]] = [{} for _ in range(num_blocks)]
-    for peer_id, peer in peers.items():
-        for block in range(peer.start, peer.end):
-            blocks[block][peer_id] = peer
-    return CoverageMap(model_id="m", num_blocks=num_blocks, blocks=blocks)
 
 
 def test_empty_swarm_takes_the_first_blocks():

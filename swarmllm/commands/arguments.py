@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -75,37 +76,30 @@ def readable_file(text: str) -> Path:
     return path
 
 
-def fraction(text: str) -> float:
-    """argparse type: a number within [0, 1]."""
+def _number_in(text: str, fits: Callable[[float], bool], expected: str) -> float:
+    """``text`` as a float that ``fits``, else an argparse error saying what was ``expected``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number within [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number within [0, 1], got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not fits(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number within [0, 1]."""
+    return _number_in(text, lambda v: 0.0 <= v <= 1.0, "a number within [0, 1]")
 
 
 def non_negative_float(text: str) -> float:
     """argparse type: seconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return _number_in(text, lambda v: v >= 0.0, "a number of 0 or more")
 
 
 def balance_quality(text: str) -> float:
     """argparse type: a quality in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+    return _number_in(text, lambda v: 0.0 < v <= 1.0, "a number within (0, 1]")
 
 
 def image_file(text: str) -> Path:
