@@ -114,7 +114,8 @@ class Rebalancer:
             draining = self.servicer.move_to(
                 loaded.span, info, loaded.adapter, self.settings.drain_timeout
             )
-            joining.stop(final_state=None)  # the main announcer takes these blocks over
+            # the main announcer takes these blocks over (stop joins a thread: off the loop)
+            await asyncio.to_thread(joining.stop, None)
             handed_over = True
             self.announcer.move(
                 loaded.blocks,
@@ -133,7 +134,7 @@ class Rebalancer:
             )
         finally:
             if not handed_over:
-                joining.stop(final_state=PeerState.OFFLINE)
+                await asyncio.to_thread(joining.stop, PeerState.OFFLINE)
 
     def _rival(self, coverage: CoverageMap, start: int, end: int) -> str | None:
         """A peer with a smaller id that is joining blocks of ``[start, end)`` too."""
