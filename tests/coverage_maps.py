@@ -19,9 +19,10 @@ def record(
     )
 
 
-def coverage(num_blocks: int, peers: dict[str, PeerRecord]) -> CoverageMap:
+def coverage(num_blocks: int, peers: dict[str, PeerRecord], model_id: str = "m") -> CoverageMap:
+    """A map where every peer's record sits at each block of its span, as the DHT reader builds."""
     blocks: list[dict[str, PeerRecord]] = [{} for _ in range(num_blocks)]
     for peer_id, peer in peers.items():
         for block in range(peer.start, peer.end):
             blocks[block][peer_id] = peer
-    return CoverageMap(model_id="m", num_blocks=num_blocks, blocks=blocks)
+    return CoverageMap(model_id=model_id, num_blocks=num_blocks, blocks=blocks)

@@ -7,9 +7,10 @@ import math
 import random
 
 import pytest
+from coverage_maps import coverage
 
 from swarmllm.client.routing import Hop, NoRouteError, find_route, format_route
-from swarmllm.dht.records import CoverageMap, PeerRecord, PeerState
+from swarmllm.dht.records import PeerRecord, PeerState
 
 RTT = 0.005  # find_route's default_rtt
 
@@ -33,15 +34,6 @@ def record(
         dtype="float32",
         adapters=adapters,
     )
-
-
-def coverage(num_blocks: int, peers: dict[str, PeerRecord], model_id: str = "m") -> CoverageMap:
-    """A map where every peer's record sits at each block of its span, as the DHT reader builds."""
-    blocks: list[dict[str, PeerRecord]] = [{} for _ in range(num_blocks)]
-    for peer_id, rec in peers.items():
-        for block in range(rec.start, rec.end):
-            blocks[block][peer_id] = rec
-    return CoverageMap(model_id=model_id, num_blocks=num_blocks, blocks=blocks)
 
 
 def route_cost(route: list[Hop], peers: dict[str, PeerRecord], rtt: dict[str, float]) -> float:
