@@ -82,10 +82,6 @@ class _Inputs:
     images: ImageInputs | None
 
 
-class SessionMoved(Exception):
-    """A step of a session opened before this peer moved, after its draining time."""
-
-
 class PeerServicer(SwarmRPC):
     def __init__(
         self,
@@ -242,6 +238,10 @@ class PeerServicer(SwarmRPC):
                     return  # ends the stream; the finally below frees the cache
                 if is_close(request):
                     return  # the client ends the session
+                if session is not None and time.monotonic() >= session.drain_by:
+                    # a step that came after its drain (its wait began before the peer moved)
+                    yield self._expired(session, context).encode()
+                    return
                 try:
                     if session is None:
                         session = await self._open(request, remote)
@@ -254,10 +254,6 @@ class PeerServicer(SwarmRPC):
                         yield await self._step(session, request)
                 except VersionMismatch as e:
                     yield Error(str(e), ErrorCode.VERSION).encode()
-                    return
-                except SessionMoved as e:  # the client opens the blocks elsewhere, no blame
-                    logger.info("closed a stream of %s: %s", context.remote_id, e)
-                    yield Error(str(e), ErrorCode.EXPIRED).encode()
                     return
                 except MalformedMessage as e:
                     yield self._refuse(e, context)
@@ -289,8 +285,11 @@ class PeerServicer(SwarmRPC):
     def _expired(self, session: Session | None, context: P2PContext) -> Error:
         if session is None:
             message = f"no session opened within {self.limits.session_idle_timeout:.0f} s"
-        elif time.monotonic() >= session.drain_by:
-            message = self._drained()
+        elif time.monotonic() >= session.drain_by:  # the client reopens elsewhere, no blame
+            message = (
+                f"session expired: this peer moved to blocks [{self.span.start}, "
+                f"{self.span.end}) and its sessions from before have drained"
+            )
         elif time.monotonic() - session.opened_at >= self.limits.max_session_lifetime:
             message = (
                 f"session expired: open longer than the {self.limits.max_session_lifetime:.0f} s "
@@ -303,12 +302,6 @@ class PeerServicer(SwarmRPC):
             )
         logger.info("closed a stream of %s: %s", context.remote_id, message)
         return Error(message, ErrorCode.EXPIRED)
-
-    def _drained(self) -> str:
-        return (
-            f"session expired: this peer moved to blocks [{self.span.start}, {self.span.end}) "
-            "and its sessions from before have drained"
-        )
 
     async def _open(self, request: runtime_pb2.ExpertRequest, remote: str) -> Session:
         opening = await self._off_loop(self._decode_open, request)
@@ -353,8 +346,6 @@ class PeerServicer(SwarmRPC):
         received = time.perf_counter()
         if self.registry.get(session.key) is not session:
             raise InvalidRequest(f"unknown session {shorten(session.stream_id)} (closed)")
-        if time.monotonic() > session.drain_by:
-            raise SessionMoved(self._drained())
         step, inputs = await self._off_loop(self._decode_step, session, request)
         session.cache.truncate(step.position)  # a no-op unless the client rewinds
         session.last_step, session.last_used = step.step, time.monotonic()
