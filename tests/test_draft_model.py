@@ -36,13 +36,13 @@ def test_a_drafter_feeds_only_what_changed_and_drafts_as_a_fresh_one(draft_model
     # the swarm kept two drafts and corrected the third: the context goes back into the drafts
     context = torch.cat([PROMPT, first[:2], torch.tensor([7])])
     fed: list[int] = []  # tokens fed to the draft model, per forward pass
-    logits = draft_model.chain.logits
+    hidden_states = draft_model.chain.hidden_states
 
     def counted(ids: torch.Tensor, caches) -> torch.Tensor:
         fed.append(ids.shape[1])
-        return logits(ids, caches)
+        return hidden_states(ids, caches)
 
-    monkeypatch.setattr(draft_model.chain, "logits", counted)
+    monkeypatch.setattr(draft_model.chain, "hidden_states", counted)
     again = drafter.propose(context, 3)
     # the two kept drafts were in the cache already: the correction, then one token per draft
     assert fed == [1, 1, 1]

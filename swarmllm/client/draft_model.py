@@ -59,10 +59,11 @@ class ModelDrafter:
         kept = min(_common_prefix(self._cached, tokens), tokens.shape[0] - 1)
         for cache in self._caches:
             cache.truncate(kept)
-        feed, drafts = tokens[kept:], []
+        chain, feed, drafts = self.model.chain, tokens[kept:], []
         for _ in range(limit):
-            logits = self.model.chain.logits(feed[None], self._caches)[0, -1]
-            token = logits[: self.model.vocab_size].argmax()
+            # the LM head only at the last position: a long first feed needs no other logits
+            last = chain.hidden_states(feed[None], self._caches)[:, -1]
+            token = chain.head.logits(last)[0, : self.model.vocab_size].argmax()
             drafts.append(token)
             feed = token[None]
         proposed = torch.stack(drafts)
