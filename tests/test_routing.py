@@ -112,6 +112,31 @@ def test_gap_message_says_why_peers_were_not_usable() -> None:
     assert "1 peer joining" in message
 
 
+@pytest.mark.parametrize(
+    ("options", "transient"),
+    [
+        ({}, True),  # nobody announced 10-19: a peer may come
+        ({"banned": {"B": "unreachable", "C": "banned"}}, True),  # left, or failed lately
+        ({"allowed": {"A", "D"}}, False),  # the client's own list excludes B and C
+        ({"min_cache_tokens": 1000}, False),  # B and C are too short of cache for the session
+        ({"banned": {"B": "unreachable"}, "allowed": {"A", "B", "D"}}, False),  # one of each
+    ],
+    ids=["none", "gone", "not-allowed", "short-of-cache", "mixed"],
+)
+def test_a_gap_is_transient_only_when_no_choice_of_the_client_made_it(
+    options: dict, transient: bool
+) -> None:
+    """A failover waits for blocks whose peers left; one that the client's own filters
+    uncovered fails at once (waiting would not help)."""
+    peers = {"A": record(0, 10), "D": record(20, 30)}
+    if options:
+        peers |= {"B": record(10, 20, cache=100), "C": record(10, 20, cache=100)}
+    with pytest.raises(NoRouteError) as info:
+        find_route(coverage(30, peers), **options)
+    assert info.value.uncovered == [(10, 20)]
+    assert info.value.transient is transient
+
+
 def test_fast_peer_covering_more_beats_two_slow_ones() -> None:
     peers = {"S1": record(0, 10, 10.0), "S2": record(10, 20, 10.0), "F": record(0, 20, 50.0)}
     assert find_route(coverage(20, peers)) == [Hop("F", 0, 20)]

@@ -53,11 +53,16 @@ class FakeRouter:
         self.peers, self.bans, self.num_blocks, self.connection = peers, BanList(), 2, None
         self.reputation = Reputation()
         self.unroutable = 0  # fail this many route() calls
+        self.transient = False  # with errors that waiting may cure (every peer left)
+        self.fresh_reads: list[bool] = []
 
     async def route(self, start, end, *, min_cache_tokens, avoid, first_hop_adapter, fresh):
+        self.fresh_reads.append(fresh)
         if self.unroutable:
             self.unroutable -= 1
-            raise NoRouteError(f"blocks {start}-{end - 1}: nobody left", [(start, end)])
+            raise NoRouteError(
+                f"blocks {start}-{end - 1}: nobody left", [(start, end)], transient=self.transient
+            )
         hops = []
         for block in range(start, end):
             usable = [p for p in self.peers[block] if p not in {*avoid, *self.bans.banned()}]
@@ -72,8 +77,47 @@ def fakes(monkeypatch):
     return FakeStream
 
 
-def _session(router: FakeRouter) -> InferenceSession:
-    return InferenceSession(router, SessionSpec("m", "s", max_length=64))
+def _session(router: FakeRouter, failover_timeout: float = 60.0) -> InferenceSession:
+    return InferenceSession(
+        router, SessionSpec("m", "s", max_length=64), failover_timeout=failover_timeout
+    )
+
+
+def test_blocks_whose_peers_all_left_are_waited_for_and_read_anew(fakes, monkeypatch) -> None:
+    """Hop 1's only peer died and nobody serves block 1 for two reads of the map; then a peer
+    moved there. The failover waits for it (reading the map anew each time) and replays."""
+    monkeypatch.setattr(session_module, "COVERAGE_POLL", 0.01)
+    router = FakeRouter({0: ["a0"], 1: ["a1", "b1"]})
+    session = _session(router)
+
+    async def scenario() -> None:
+        await session.open()
+        await session.step(torch.zeros(1, 3, WIDTH))
+        fakes.failures["a1"] = [HopFailure(Hop("a1", 1, 2), "gone")]
+        router.unroutable, router.transient = 2, True
+        router.fresh_reads.clear()
+        await session.step(torch.ones(1, 1, WIDTH))
+
+    asyncio.run(scenario())
+    assert router.fresh_reads == [False, True, True]
+    assert [hop.peer_id for hop in session.route] == ["a0", "b1"]
+    assert session.position == 4
+
+
+def test_waiting_for_a_lost_span_ends_with_the_failover_budget(fakes, monkeypatch) -> None:
+    monkeypatch.setattr(session_module, "COVERAGE_POLL", 0.01)
+    router = FakeRouter({0: ["a0"], 1: ["a1"]})
+    session = _session(router, failover_timeout=0.2)
+
+    async def scenario() -> None:
+        await session.open()
+        fakes.failures["a1"] = [HopFailure(Hop("a1", 1, 2), "gone")]
+        router.unroutable, router.transient = 10**6, True
+        with pytest.raises(NoRouteError, match=r"nobody left; no peer came to serve them within"):
+            await session.step(torch.zeros(1, 3, WIDTH))
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+    assert len(router.fresh_reads) > 3  # it did read the map again while it waited
 
 
 def test_a_step_that_fails_half_way_leaves_no_history_and_replay_is_exact(fakes) -> None:

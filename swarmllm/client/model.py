@@ -35,7 +35,7 @@ from swarmllm.client.profile import Profile, measure, phase_of
 from swarmllm.client.reputation import plausible_block_seconds
 from swarmllm.client.router import Router
 from swarmllm.client.routing import Hop
-from swarmllm.client.session import InferenceSession
+from swarmllm.client.session import FAILOVER_TIMEOUT, InferenceSession
 from swarmllm.client.verification import SpotChecker, VerificationEvidence
 from swarmllm.protocol import WIRE_DTYPES
 
@@ -132,6 +132,7 @@ class DistributedModelForCausalLM:
         wire_dtype: str = "float32",
         allowed_peers: Collection[str] | None = None,
         step_timeout: float = 10.0,
+        failover_timeout: float = FAILOVER_TIMEOUT,
         verify_signatures: bool = True,
         verify_fraction: float = 0.0,
         profile: bool = False,
@@ -146,6 +147,8 @@ class DistributedModelForCausalLM:
         self.config = source.config
         self.generation_defaults = _generation_defaults(source)
         self.wire_dtype, self.step_timeout = wire_dtype, step_timeout
+        # seconds one failover may search (and wait) for peers to take a hop's blocks over
+        self.failover_timeout = failover_timeout
         self.verify_signatures = verify_signatures
         # the probability that each hop of each step is re-run on another peer and compared
         self.verify_fraction = verify_fraction
@@ -253,7 +256,12 @@ class DistributedModelForCausalLM:
         )
         verifier = SpotChecker(self.router, self.verify_fraction) if self.verify_fraction else None
         return InferenceSession(
-            self.router, spec, profile=self.profile, verifier=verifier, adapter=adapter
+            self.router,
+            spec,
+            failover_timeout=self.failover_timeout,
+            profile=self.profile,
+            verifier=verifier,
+            adapter=adapter,
         )
 
     @functools.cached_property

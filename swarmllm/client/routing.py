@@ -37,11 +37,20 @@ class Hop:
     end: int
 
 
+# Why a peer is skipped when the swarm may cure it by itself: the peer left, is still joining,
+# did not answer or failed lately (another peer may come to serve its blocks). Every other
+# reason is the client's own choice (allowed list, precision, cache size, busy in the session).
+FAILED_JUST_NOW = "failed an attempt just now"
+TRANSIENT_REASONS = frozenset({"offline", "joining", "unreachable", "banned", FAILED_JUST_NOW})
+
+
 class NoRouteError(RuntimeError):
     """No chain of usable peers covers the requested blocks.
 
     ``uncovered`` lists the maximal block ranges ``[a, b)`` that no usable peer serves;
-    ``missing_adapter`` names the adapter that no usable first-hop peer provides.
+    ``missing_adapter`` names the adapter that no usable first-hop peer provides. ``transient``:
+    every peer of the uncovered blocks was skipped for a reason in TRANSIENT_REASONS (or none
+    announced them), so waiting for the swarm to re-cover them may help.
     """
 
     def __init__(
@@ -49,10 +58,13 @@ class NoRouteError(RuntimeError):
         message: str,
         uncovered: list[tuple[int, int]],
         missing_adapter: str | None = None,
+        *,
+        transient: bool = False,
     ):
         super().__init__(message)
         self.uncovered = uncovered
         self.missing_adapter = missing_adapter
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -292,7 +304,9 @@ def _raise_if_uncovered(
         for (a, b), reasons in zip(uncovered, why_not, strict=True)
     ]
     raise NoRouteError(
-        f"no usable peer serves {', '.join(parts)} of model {model_id!r}", uncovered=uncovered
+        f"no usable peer serves {', '.join(parts)} of model {model_id!r}",
+        uncovered=uncovered,
+        transient=all(set(reasons.values()) <= TRANSIENT_REASONS for reasons in why_not),
     )
 
 

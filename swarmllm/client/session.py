@@ -11,8 +11,9 @@ failed peer's exactly.
 Finding a working replacement is bounded by time, not by a count of attempts: every attempt
 skips each peer that failed an earlier attempt of the same search, so peers that announce
 much and serve nothing (anyone can mint as many as they like) cost one attempt each and cannot
-use up the budget before an honest peer is tried. What the client sees of each peer feeds the
-router's ``reputation``.
+use up the budget before an honest peer is tried. Blocks that no live peer serves any more
+(their only peers left) are waited for within the same budget: another peer may move there. What
+the client sees of each peer feeds the router's ``reputation``.
 
 A spot-check (``verification``) that outvotes a hop fails it over like any fault, and the
 peer is trusted for nothing it computed: its earlier outputs, even those within the tolerance
@@ -38,7 +39,7 @@ from swarmllm.blocks.vision import ImageInputs
 from swarmllm.client.hop import HopFailure, HopStream, SessionSpec
 from swarmllm.client.profile import Profile, phase_of
 from swarmllm.client.router import Router
-from swarmllm.client.routing import Hop, NoRouteError
+from swarmllm.client.routing import FAILED_JUST_NOW, Hop, NoRouteError
 from swarmllm.client.verification import OutvotedHop, SpotChecker, VerificationEvidence
 from swarmllm.protocol import ErrorCode
 
@@ -49,6 +50,7 @@ logger = logging.getLogger("swarmllm.client")
 # shorter; a stream that does not open fails in ``SessionSpec.open_timeout``).
 FAILOVER_TIMEOUT = 60.0
 HEDGE_AFTER = 0.5  # seconds an opening may take before the next best route opens beside it
+COVERAGE_POLL = 2.0  # seconds between reads of the map while blocks wait for a peer
 MAX_OPENING = 16  # routes opening at once in one search
 
 
@@ -295,10 +297,12 @@ class InferenceSession:
                             first_hop_adapter=self.adapter if start == 0 else None,
                             fresh=search.fresh_read(),
                         )
-                    except NoRouteError:
-                        if not opening:
-                            raise
-                        exhausted = True
+                    except NoRouteError as error:
+                        if opening:
+                            exhausted = True
+                        else:
+                            await self._wait_for_coverage(error, search)
+                            continue
                     else:
                         connection = self.router.connection
                         streams = [HopStream(connection, hop, self.spec) for hop in route]
@@ -324,6 +328,25 @@ class InferenceSession:
             await asyncio.gather(*opening, return_exceptions=True)
             laggards = [s for _, streams in opening.values() for s in streams]
             await asyncio.gather(*(s.close() for s in laggards))
+
+    async def _wait_for_coverage(self, error: NoRouteError, search: _Search) -> None:
+        """Wait a moment for the swarm to re-cover blocks that no live peer serves (a peer
+        that left is replaced by another moving there); re-raise ``error`` when waiting cannot
+        help (the client's own filters exclude the peers) or the search's time is up."""
+        left = search.deadline - time.monotonic()
+        if not error.transient or left <= 0:
+            if search.waited:
+                raise NoRouteError(
+                    f"{error}; no peer came to serve them within {self.failover_timeout:.0f} s",
+                    error.uncovered,
+                    error.missing_adapter,
+                ) from error
+            raise error
+        if not search.waited:
+            logger.warning("%s: waiting up to %.0f s for a peer to serve them", error, left)
+        search.waited = True
+        await asyncio.sleep(min(COVERAGE_POLL, left))
+        search.read_fresh_next()
 
     def _failed(self, failure: HopFailure, search: _Search, start: int, end: int) -> None:
         """Count a failed attempt of the search; raise once its time is up."""
@@ -371,20 +394,25 @@ class _Search:
 
     deadline: float
     failed: dict[str, str] = field(default_factory=dict)  # peer -> why its attempt failed
-    _read_fresh: bool = False
+    waited: bool = False  # for uncovered blocks to be served again
+    _read_fresh: bool = False  # the map was read anew after the first failure
+    _fresh_next: bool = False
 
     def fresh_read(self) -> bool:
-        """Whether the next route reads the map anew: once, after the first failure (the
-        map may be stale; reads cost every DHT node)."""
-        if self.failed and not self._read_fresh:
-            self._read_fresh = True
+        """Whether the next route reads the map anew: once after the first failure (the map
+        may be stale; reads cost every DHT node), and after each wait for coverage."""
+        if self._fresh_next or (self.failed and not self._read_fresh):
+            self._read_fresh, self._fresh_next = True, False
             return True
         return False
+
+    def read_fresh_next(self) -> None:
+        self._fresh_next = True
 
 
 def _avoided(failed: Mapping[str, str], busy: set[str]) -> dict[str, str]:
     """Peers a search skips, with why: failed in this search, or busy for this session."""
-    return {**dict.fromkeys(failed, "failed an attempt just now"), **dict.fromkeys(busy, "busy")}
+    return {**dict.fromkeys(failed, FAILED_JUST_NOW), **dict.fromkeys(busy, "busy")}
 
 
 async def _open_all(streams: list[HopStream]) -> None:

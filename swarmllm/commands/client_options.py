@@ -11,6 +11,7 @@ from typing import Any
 from swarmllm.client.drafting import SPECULATIVE_MODES, check_speculative
 from swarmllm.commands.arguments import (
     fraction,
+    non_negative_float,
     peer_multiaddr,
     positive_int,
     readable_file,
@@ -43,6 +44,13 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="seconds per step before failover"
+    )
+    parser.add_argument(
+        "--failover-timeout",
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="seconds a failover may search for peers to take a hop's blocks over, waiting "
+        "for blocks whose peers all left to be served again (default 60)",
     )
     parser.add_argument(
         "--verify-fraction",
@@ -172,6 +180,7 @@ def connect(args: argparse.Namespace):
         initial_peers=args.initial_peers,
         wire_dtype=args.wire_dtype,
         step_timeout=args.timeout,
+        **({} if args.failover_timeout is None else {"failover_timeout": args.failover_timeout}),
         verify_fraction=args.verify_fraction,
         allowed_peers=allowed,
         identity=args.identity,

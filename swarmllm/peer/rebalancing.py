@@ -1,7 +1,8 @@
 """Moving a peer that chose its own blocks to where the swarm needs it (``selection.better_span``).
 
 Every ``period`` seconds on average (uniformly 0.5 to 1.5 times that, so that peers started
-together do not check together) the peer reads the live coverage map. When a move pays, it
+together do not check together) the peer reads the live coverage map; it checks at once when a
+look every ``GAP_WATCH`` seconds finds blocks that nobody serves any more. When a move pays, it
 moves without leaving a block uncovered: it announces JOINING for the blocks it does not serve
 yet, waits a moment, and gives way if a peer with a smaller id is joining the same blocks too or
 if the move no longer pays (another peer filled the gap meanwhile); else it loads the new span,
@@ -18,6 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import hivemind
@@ -26,12 +28,13 @@ from swarmllm.dht.announce import Announcer
 from swarmllm.dht.ping import live_coverage
 from swarmllm.dht.records import CoverageMap, PeerState
 from swarmllm.peer.loading import SpanLoader
-from swarmllm.peer.selection import better_span
+from swarmllm.peer.selection import better_span, uncovered_blocks
 from swarmllm.peer.servicer import PeerServicer
 
 logger = logging.getLogger("swarmllm.peer")
 
 RIVAL_WAIT = (1.0, 2.0)  # seconds (uniform) between announcing JOINING and checking for rivals
+GAP_WATCH = 10.0  # mean seconds between looks for blocks nobody serves (one map read and ping)
 
 
 @dataclass(frozen=True)
@@ -57,15 +60,26 @@ class Rebalancer:
         self.moves = 0
 
     async def run(self) -> None:
-        """Check now and then until cancelled; a check that fails is logged, not fatal."""
+        """Check now and then until cancelled, sooner when a block has lost all its peers; a
+        check that fails is logged, not fatal."""
         while True:
-            await asyncio.sleep(self.settings.period * random.uniform(0.5, 1.5))
             try:
+                await self._wait_for_check()
                 await self.check()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("a rebalancing check failed; serving on where we are")
+
+    async def _wait_for_check(self) -> None:
+        """Sleep a randomised ``period``, looking every ``GAP_WATCH`` seconds (or less) for
+        blocks nobody serves: a swarm that lost every peer of a span re-covers it at once."""
+        due = time.monotonic() + self.settings.period * random.uniform(0.5, 1.5)
+        watch = min(GAP_WATCH, self.settings.period)
+        while (left := due - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, watch * random.uniform(0.5, 1.5)))
+            if left > watch and uncovered_blocks(await self._coverage()):
+                return
 
     async def check(self) -> None:
         """Move where ``better_span`` says, if anywhere."""

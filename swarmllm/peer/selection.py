@@ -93,3 +93,9 @@ def _service(
     uncovered = [not records for records in serving]
     throughput = [sum(record.decode_steps_per_s for record in records) for records in serving]
     return uncovered, throughput
+
+
+def uncovered_blocks(coverage: CoverageMap) -> list[int]:
+    """The blocks that no peer serves or is joining."""
+    uncovered, _ = _service(coverage)
+    return [block for block, nobody in enumerate(uncovered) if nobody]
