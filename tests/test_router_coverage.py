@@ -1,12 +1,17 @@
-"""When the router reuses its coverage map and when it reads the DHT again."""
+"""When the router reuses its coverage map and when it reads the DHT again; which peers it
+pings before routing through them."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 
+from coverage_maps import coverage, record
+
 from swarmllm.client.bans import BanList
 from swarmllm.client.router import Router
+from swarmllm.client.routing import Hop
+from swarmllm.dht.records import PeerState
 
 MAX_AGE = 0.5
 
@@ -60,3 +65,29 @@ def test_sessions_opened_together_share_one_read() -> None:
         assert connection.reads == 1
 
     asyncio.run(scenario())
+
+
+class PingingConnection:
+    """A fixed map of an ONLINE peer, one that is gone, and one still JOINING; records pings."""
+
+    def __init__(self):
+        peers = {"A": record(0, 4), "gone": record(0, 4), "J": record(0, 4, PeerState.JOINING)}
+        self.map, self.rtt, self.pinged = coverage(4, peers), {}, []
+
+    def coverage(self, model_id: str, num_blocks: int):
+        return self.map
+
+    async def ping_all(self, peers: list[str]) -> None:
+        self.pinged += peers
+        self.rtt.update({peer: 0.001 for peer in peers if peer != "gone"})
+
+
+def test_only_online_peers_are_pinged_and_only_the_silent_one_is_banned() -> None:
+    """A joining peer's server may not answer yet: a ping then would ban it for its first
+    seconds of service, when it may be the one peer taking over a lost span."""
+    connection = PingingConnection()
+    routes = Router(connection, "model", 4, BanList())
+    route = asyncio.run(routes.route(0, 4, min_cache_tokens=0))
+    assert route == [Hop("A", 0, 4)]
+    assert sorted(connection.pinged) == ["A", "gone"]
+    assert routes.bans.banned() == {"gone"}

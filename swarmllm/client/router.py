@@ -110,7 +110,9 @@ class Router:
         avoid: Collection[str] | Mapping[str, str],
         first_hop_adapter: str | None,
     ) -> list[Hop]:
-        unmeasured = [p for p in coverage.peers() if p not in self.connection.rtt]
+        # only ONLINE peers: one still JOINING may not answer yet, and must not be banned
+        online = {peer for block in range(coverage.num_blocks) for peer in coverage.online(block)}
+        unmeasured = sorted(online - set(self.connection.rtt))
         if unmeasured:
             await self.connection.ping_all(unmeasured)
             for peer_id in unmeasured:  # a record can outlive its peer until it expires
