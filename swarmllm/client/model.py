@@ -59,6 +59,11 @@ class ClientSession:
         return self._session.position
 
     @property
+    def failovers(self) -> int:
+        """Hops replaced after a failure so far."""
+        return self._session.failovers
+
+    @property
     def route(self) -> list[Hop]:
         return self._session.route
 

@@ -89,6 +89,7 @@ class InferenceSession:
         self.adapter = adapter
         self.images: ImageInputs | None = None
         self.position = 0
+        self.failovers = 0  # hops replaced after a failure
         self._busy: set[str] = set()
 
     @property
@@ -230,6 +231,7 @@ class InferenceSession:
         """Replace hop ``index`` by a fresh route over its blocks (maybe several peers) whose
         caches are rebuilt from the failed hop's history."""
         failed = self.hops[index]
+        self.failovers += 1
         await failed.close()
         history = torch.cat(self.history[index], dim=1) if self.history[index] else None
         images = self.images if index == 0 else None
