@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from model_factory import save_tiny_model
 
+from swarmllm.blocks.placement import CPU_BF16_ENV
 from swarmllm.blocks.sources import ModelSource, resolve_model
+
+# The swarm tests compare with transformers in float32, and peers (child processes inherit
+# this) compute in float32 under ``--dtype auto`` only where the CPU lacks fast bfloat16: pin
+# it, so the suite means the same on every CPU. Tests of bfloat16 ask for it by name.
+os.environ.setdefault(CPU_BF16_ENV, "0")
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,20 @@ def test_auto_placement_on_this_machine_is_a_float_span():
     assert resolve_placement("cpu", "auto", "int8").precision == "int8"
 
 
+@pytest.mark.parametrize(("setting", "dtype"), [("0", torch.float32), ("1", torch.bfloat16)])
+def test_the_cpu_bf16_setting_decides_what_auto_computes_in_on_a_cpu(
+    monkeypatch, setting: str, dtype: torch.dtype
+) -> None:
+    monkeypatch.setenv("SWARMLLM_CPU_BF16", setting)
+    assert resolve_placement("cpu", "auto").dtype == dtype
+
+
+def test_a_bad_cpu_bf16_setting_is_named(monkeypatch) -> None:
+    monkeypatch.setenv("SWARMLLM_CPU_BF16", "yes")
+    with pytest.raises(PlacementError, match="SWARMLLM_CPU_BF16='yes': expected 0 or 1"):
+        resolve_placement("cpu", "auto")
+
+
 @pytest.mark.parametrize(
     ("device", "dtype", "quant", "message"),
     [

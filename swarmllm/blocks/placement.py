@@ -9,6 +9,7 @@ weights are read.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 QUANTS = ("none", "int8", "nf4")
+# "0": ``auto`` computes in float32 on a CPU even where bfloat16 is fast; "1": in bfloat16
+CPU_BF16_ENV = "SWARMLLM_CPU_BF16"
 
 
 class PlacementError(ValueError):
@@ -129,6 +132,13 @@ def _mps_available() -> bool:
 
 
 def _cpu_has_fast_bf16() -> bool:
+    """Whether ``auto`` computes in bfloat16 on this CPU: ``SWARMLLM_CPU_BF16`` (0 or 1) says,
+    else the CPU's flags (AVX-512 BF16 or AMX)."""
+    override = os.environ.get(CPU_BF16_ENV)
+    if override is not None:
+        if override not in ("0", "1"):
+            raise PlacementError(f"{CPU_BF16_ENV}={override!r}: expected 0 or 1")
+        return override == "1"
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
