@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow
 REFRESH = ["--refresh-period", "2"]
 PROMPT_LENGTH, NEW_TOKENS = 8, 6
 ONLINE_TIMEOUT = 120.0
+STREAM_REFUSALS = 30
 
 
 @dataclass
@@ -86,10 +87,14 @@ def test_a_private_peer_serves_only_listed_clients(private_swarm: PrivateSwarm, 
             stranger.run(stranger.info(private), timeout=30)
         with pytest.raises(HopFailure, match=refusal):
             stranger.run(remote_forward(stranger, hop, llama.model_id, hidden), timeout=30)
-        stream = HopStream(stranger, hop, SessionSpec(llama.model_id, "stranger", max_length=8))
-        with pytest.raises(HopFailure, match=refusal):
-            stranger.run(stream.open(), timeout=30)
-        stranger.run(stream.close(), timeout=30)
+        # a refused stream must deliver its error before it closes, every time (it once lost
+        # the race: the client saw only "the peer closed the stream")
+        for attempt in range(STREAM_REFUSALS):
+            spec = SessionSpec(llama.model_id, f"stranger-{attempt}", max_length=8)
+            stream = HopStream(stranger, hop, spec)
+            with pytest.raises(HopFailure, match=refusal):
+                stranger.run(stream.open(), timeout=30)
+            stranger.run(stream.close(), timeout=30)
         assert stranger.run(stranger.info(private_swarm.open_peer), timeout=30).start == 0
 
     with SwarmConnection(swarm.initial_peers, identity=private_swarm.client_key) as listed:

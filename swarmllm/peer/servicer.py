@@ -62,7 +62,8 @@ logger = logging.getLogger("swarmllm.peer")
 
 T = TypeVar("T")
 
-END_OF_STREAM_WAIT = 5.0  # seconds a forward stream waits for the client to end it
+END_OF_STREAM_WAIT = 5.0  # seconds a finished stream waits for the client to end it
+REFUSED_STREAM_READS = 3  # requests a refused inference stream reads before it gives up
 CODEC_THREADS = 2
 
 
@@ -150,13 +151,8 @@ class PeerServicer(SwarmRPC):
         async for request in requests:
             yield await self._forward_reply(request, context)
             break
-        # Returning closes the stream. Before the client has written its end-of-stream, that
-        # breaks its pipe, and its stream reader then drops the reply it has not read yet.
-        try:
-            await asyncio.wait_for(anext(requests), END_OF_STREAM_WAIT)
-        except (StopAsyncIteration, asyncio.TimeoutError):
-            return
-        yield Error("forward takes one request per stream", ErrorCode.INVALID).encode()
+        if await _next_or_end(requests) is not None:
+            yield Error("forward takes one request per stream", ErrorCode.INVALID).encode()
 
     async def _forward_reply(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
@@ -222,6 +218,10 @@ class PeerServicer(SwarmRPC):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         if (refusal := self._refuse_unlisted(context)) is not None:
             yield refusal
+            # the client's open and then its close follow; returning first lost the refusal
+            for _ in range(REFUSED_STREAM_READS):
+                if await _next_or_end(requests) is None:
+                    break
             return
         remote = context.remote_id.to_base58()
         started = time.monotonic()
@@ -534,3 +534,18 @@ class PeerServicer(SwarmRPC):
         return Error(
             f"internal error: {shorten(str(error) or type(error).__name__)}", ErrorCode.INTERNAL
         ).encode()
+
+
+async def _next_or_end(
+    requests: AsyncIterator[runtime_pb2.ExpertRequest],
+) -> runtime_pb2.ExpertRequest | None:
+    """The client's next request; None once it ends the stream or END_OF_STREAM_WAIT passes.
+
+    A handler that is done waits here before it returns: returning closes the stream, and
+    before the client has written its end of stream that breaks its pipe, so its stream
+    reader drops the reply it has not read yet ("the peer closed the stream").
+    """
+    try:
+        return await asyncio.wait_for(anext(requests), END_OF_STREAM_WAIT)
+    except (StopAsyncIteration, asyncio.TimeoutError):
+        return None
